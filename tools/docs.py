@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Build fclora's README.md and documentation site from the notebooks in nbs/.
+
+    python tools/docs.py readme            # README.md from nbs/index.ipynb (no Quarto needed)
+    python tools/docs.py readme --check    # exit 1 if README.md is out of date
+    python tools/docs.py site              # nbdev_docs if Quarto is installed, else an offline site
+    python tools/docs.py site --offline    # always the offline site: _docs/<notebook>.html
+
+Both commands first run nbdev's own docs processing on each notebook (the same
+`FilterDefaults` processors `nbdev_docs` uses): hidden cells go, `show_doc` cells are
+added for exported names and executed, front matter is read from the `# Title` /
+`> summary` cell. Saved outputs (figures) are kept; nothing else is executed.
+Then nbconvert turns the processed notebooks into GitHub markdown or HTML.
+"""
+import argparse, json, os, re, shutil, subprocess, sys, tarfile, warnings
+from pathlib import Path
+
+import nbformat, yaml
+from jinja2 import DictLoader
+from nbconvert import HTMLExporter, MarkdownExporter
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS, DOCS, CACHE = ROOT/'nbs', ROOT/'_docs', ROOT/'.cache'
+MATHJAX_CDN = 'https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js'
+
+
+# ---------------------------------------------------------------- notebook processing
+
+def load(text):
+    "Parse notebook JSON; cells that nbdev inserted get an id (nbformat warns without one)."
+    nb = json.loads(text)
+    for i, cell in enumerate(nb['cells']): cell.setdefault('id', f'cell-{i}')
+    return nbformat.reads(json.dumps(nb), as_version=4)
+
+
+def process(src: Path):
+    "Run nbdev's docs processors on one notebook in this process; return an nbformat notebook."
+    from execnb.nbio import read_nb, nb2str
+    from nbdev.processors import FilterDefaults
+    os.environ['IN_TEST'] = '1'  # as nbdev's own docs worker (nbdev.serve_drv) does
+    nb = read_nb(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # "cells containing imports and other code" notes
+        FilterDefaults()(nb)
+    return load(nb2str(nb))
+
+
+def _directives(src):
+    "Split leading `#| key: value` lines off a code cell: (dict of directives, remaining source)."
+    lines, d = src.splitlines(), {}
+    while lines and lines[0].startswith('#|'):
+        k, _, v = lines.pop(0)[2:].partition(':')
+        d[k.strip()] = v.strip().lower() or 'true'
+    return d, '\n'.join(lines)
+
+
+def _source_link(md):
+    "Drop Quarto's link attributes from show_doc's `[source](url){target=...}` links."
+    return re.sub(r'(\[source\]\(\S+?\))\{[^}]*\}', r'\1', md)
+
+
+def tidy(nb):
+    """Turn what Quarto would interpret into plain Jupyter: front matter becomes a `# Title`
+    cell (and `nb.metadata.title`); `#|` directives are applied (`echo`, `output`, `include`)
+    and stripped. Returns the title."""
+    title, cells = None, []
+    for cell in nb.cells:
+        if cell.cell_type == 'raw' and cell.source.startswith('---'):
+            fm = yaml.safe_load(cell.source.strip().strip('-')) or {}
+            title = fm.get('title')
+            md = f"# {title}" + (f"\n\n> {fm['description']}" if fm.get('description') else '')
+            cells.append(nbformat.v4.new_markdown_cell(md, id=cell.get('id')))
+            continue
+        if cell.cell_type == 'code':
+            d, cell.source = _directives(cell.source)
+            if d.get('include') == 'false': continue
+            if d.get('echo') == 'false': cell.metadata['transient'] = {'remove_source': True}
+            if d.get('output') == 'false': cell.outputs = []
+            for o in cell.outputs:
+                if 'text/markdown' in o.get('data', {}):
+                    o.data['text/markdown'] = _source_link(o.data['text/markdown'])
+        cells.append(cell)
+    nb.cells = cells
+    title = title or nb.metadata.get('title') or 'Untitled'
+    nb.metadata['title'] = title  # nbconvert's <title>
+    return title
+
+
+# ---------------------------------------------------------------- README.md
+
+def readme_files():
+    "The README (and any figures from index.ipynb) as {relative path: bytes}."
+    nb = process(NBS/'index.ipynb')
+    tidy(nb)
+    md, res = MarkdownExporter().from_notebook_node(nb, resources={'output_files_dir': 'README_files'})
+    md = re.sub(r'\n{3,}', '\n\n', md).strip() + '\n'
+    return {'README.md': md.encode(), **res.get('outputs', {})}
+
+
+def readme(check=False):
+    files = readme_files()
+    if check:
+        stale = [p for p, b in files.items() if not (ROOT/p).exists() or (ROOT/p).read_bytes() != b]
+        if stale:
+            sys.exit(f"Out of date: {', '.join(stale)}. Run `python tools/docs.py readme`.")
+        return print('README.md is up to date')
+    for p, b in files.items():
+        (ROOT/p).parent.mkdir(parents=True, exist_ok=True)
+        (ROOT/p).write_bytes(b)
+    print(f"Wrote {', '.join(files)}")
+
+
+# ---------------------------------------------------------------- offline site
+
+def reading_order():
+    "Notebooks in nbs/sidebar.yml order (those that exist), then any others, sorted."
+    listed = yaml.safe_load((NBS/'sidebar.yml').read_text())['website']['sidebar']['contents']
+    nbs = [NBS/n for n in listed if isinstance(n, str) and (NBS/n).exists()]
+    return nbs + sorted(set(NBS.glob('*.ipynb')) - set(nbs))
+
+
+def mathjax():
+    """Copy MathJax 3 into _docs/mathjax (fetched once with `npm pack` into .cache/mathjax)
+    and return its URL; fall back to the CDN when npm can't get it."""
+    es5 = CACHE/'mathjax'/'package'/'es5'
+    if not es5.exists() and shutil.which('npm'):
+        (CACHE/'mathjax').mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(['npm', 'pack', 'mathjax@3', '--silent'], cwd=CACHE/'mathjax',
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            with tarfile.open(CACHE/'mathjax'/r.stdout.split()[-1]) as t:
+                t.extractall(CACHE/'mathjax', filter='data')
+    if es5.exists():
+        shutil.copytree(es5, DOCS/'mathjax', dirs_exist_ok=True)
+        return 'mathjax/tex-mml-chtml.js'
+    print(f'WARNING: could not get MathJax with npm; math will load from {MATHJAX_CDN}', file=sys.stderr)
+    return MATHJAX_CDN
+
+
+# nbconvert's "lab" page, plus a sidebar; MathJax 3 (nbconvert configures MathJax 2) and no require.js
+PAGE = r"""{%- extends 'lab/index.html.j2' -%}
+{% block html_head_js_requirejs %}{% endblock %}
+{% block html_head_js_mathjax %}
+<script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\(', '\\)']], processEscapes: true, tags: 'ams'}};</script>
+<script id="MathJax-script" src="{{ resources.mathjax_url }}"></script>
+{% endblock %}
+{% block extra_css %}<style>
+nav.site { position: fixed; top: 0; left: 0; bottom: 0; width: 15rem; overflow-y: auto; padding: 1rem;
+           background: #f7f7f9; border-right: 1px solid #ddd; font-family: sans-serif; font-size: 0.95rem; }
+nav.site ul { list-style: none; padding: 0; } nav.site li { margin: 0.4rem 0; }
+nav.site a { color: #2780e3; text-decoration: none; } nav.site a.active { font-weight: bold; color: #000; }
+body > main { margin-left: 17rem; max-width: 60rem; }
+@media (max-width: 50rem) { nav.site { position: static; width: auto; } body > main { margin-left: 0; } }
+</style>{% endblock %}
+{% block body_header %}{{ super() }}{{ resources.nav }}{% endblock %}
+"""
+
+
+def nav_html(pages, current):
+    "The sidebar: one link per page, in reading order."
+    items = ''.join(f'<li><a href="{stem}.html"{" class=active" if stem == current else ""}>{title}</a></li>'
+                    for stem, title in pages)
+    return f'<nav class="site"><ul>{items}</ul></nav>'
+
+
+def site(offline=False, force=False):
+    if shutil.which('quarto') and not offline:
+        return subprocess.run(['nbdev_docs'], cwd=ROOT, check=True)
+    from nbdev.serve import proc_nbs
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # one torch thread per notebook worker
+    try: proc = proc_nbs(NBS, force=force)  # _proc/: every notebook processed as above, in parallel, cached
+    except Exception as e:  # the worker's traceback is printed above
+        sys.exit(f"nbdev's docs processing failed: {e}\nNote: nbdev runs every cell that imports something, so "
+                 "a cell mixing imports with other code must be split (imports in their own cell).")
+    shutil.rmtree(DOCS, ignore_errors=True)
+    DOCS.mkdir()
+    exporter = HTMLExporter(extra_loaders=[DictLoader({'page.html.j2': PAGE})], template_file='page.html.j2',
+                            embed_images=True, mathjax_url=mathjax(),
+                            exclude_input_prompt=True, exclude_output_prompt=True)
+    nbs = {}
+    for src in reading_order():
+        nb = load((proc/src.name).read_text(encoding='utf-8'))
+        nbs[src.stem] = (tidy(nb), nb)
+    pages = [(stem, title) for stem, (title, _) in nbs.items()]
+    for stem, (title, nb) in nbs.items():
+        html, _ = exporter.from_notebook_node(nb, resources={'nav': nav_html(pages, stem),
+                                                             'metadata': {'name': title, 'path': str(NBS)}})
+        (DOCS/f'{stem}.html').write_text(html, encoding='utf-8')
+    print(f'Wrote {len(nbs)} pages to {DOCS.relative_to(ROOT)}/ (start at index.html)')
+
+
+if __name__ == '__main__':  # the guard matters: nbdev's proc_nbs starts worker processes
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    sub.add_parser('readme', help='build README.md').add_argument(
+        '--check', action='store_true', help='exit 1 if README.md differs from what would be built')
+    s = sub.add_parser('site', help='build the docs site into _docs/')
+    s.add_argument('--offline', action='store_true', help="don't use Quarto even if it is installed")
+    s.add_argument('--force', action='store_true', help='reprocess all notebooks, ignoring the _proc/ cache')
+    a = p.parse_args()
+    os.chdir(ROOT)  # nbdev finds settings.ini from the working directory
+    readme(a.check) if a.cmd == 'readme' else site(a.offline, a.force)
