@@ -1,0 +1,33 @@
+"""Shared helpers for the tests that cross process boundaries: the `fclora` command, papermill runs."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent           # console scripts of this environment
+SHARED = ROOT.parent/"shared"               # read-only real data and model, when present
+
+
+def fclora(*args, cwd=None, timeout=900, env=None):
+    "Run the `fclora` command; return the CompletedProcess (text)."
+    e = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **(env or {}))
+    return subprocess.run([str(BIN/"fclora"), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def one_line_error(proc):
+    "Assert the process failed on bad input: exit 2, one line on stderr, no traceback."
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("fclora: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture
+def shared():
+    if not (SHARED/"models/vit-small-patch14-imgfocus/config.json").exists(): pytest.skip("../shared is absent")
+    return SHARED
+
+
+def results(out_dir):
+    return json.loads((Path(out_dir)/"results.json").read_text())
