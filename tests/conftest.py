@@ -1,4 +1,5 @@
-"""Shared helpers for the tests that cross process boundaries: the `fclora` command, papermill runs."""
+"""Shared helpers for the tests that cross process boundaries: the `fclora` command, papermill runs,
+the docs build (`tools/docs.py`, built once per session for test_docs and test_browser)."""
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -31,3 +32,20 @@ def shared():
 
 def results(out_dir):
     return json.loads((Path(out_dir)/"results.json").read_text())
+
+
+def docs(*args, timeout):
+    "Run `python tools/docs.py ARGS`; return the CompletedProcess (text)."
+    return subprocess.run([sys.executable, str(ROOT/"tools"/"docs.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def docs_site():
+    "Build the offline docs site into _docs/ once per test session; return its folder."
+    try: r = docs("site", "--offline", timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("docs site build took over 3 minutes: nbdev runs every notebook cell that imports "
+                    "something, so keep imports in their own cells, away from slow code")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return ROOT/"_docs"

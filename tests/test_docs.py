@@ -3,10 +3,12 @@
 The site test runs `python tools/docs.py site --offline` (nbdev's docs processing + nbconvert, no
 Quarto) into _docs/ (gitignored). It takes ~15 s on 16 cores from cold, and is failed past 3 minutes.
 """
-import ast, json, re, subprocess, sys
+import ast, json, re
 from pathlib import Path
 
 import pytest
+
+from conftest import docs
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT/'nbs'
@@ -14,19 +16,9 @@ NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if p.stem == 'index' or p.stem
 NUMBERED = [p for p in NOTEBOOKS if p.stem != 'index']
 
 
-def docs(*args, timeout):
-    return subprocess.run([sys.executable, str(ROOT/'tools'/'docs.py'), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope='module')
-def site():
-    try: r = docs('site', '--offline', timeout=180)
-    except subprocess.TimeoutExpired:
-        pytest.fail('docs site build took over 3 minutes: nbdev runs every notebook cell that imports '
-                    'something, so keep imports in their own cells, away from slow code')
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return ROOT/'_docs'
+def site(docs_site):  # built once per session (conftest.py), shared with test_browser.py
+    return docs_site
 
 
 def default_exp(nb: Path):

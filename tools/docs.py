@@ -144,12 +144,14 @@ PAGE = r"""{%- extends 'lab/index.html.j2' -%}
 <script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\(', '\\)']], processEscapes: true, tags: 'ams'}};</script>
 <script id="MathJax-script" src="{{ resources.mathjax_url }}"></script>
 {% endblock %}
-{% block extra_css %}<style>
+{% block extra_css %}<link rel="icon" href="data:,">{# no /favicon.ico request (a 404 in the console) #}
+<style>
 nav.site { position: fixed; top: 0; left: 0; bottom: 0; width: 15rem; overflow-y: auto; padding: 1rem;
            background: #f7f7f9; border-right: 1px solid #ddd; font-family: sans-serif; font-size: 0.95rem; }
 nav.site ul { list-style: none; padding: 0; } nav.site li { margin: 0.4rem 0; }
 nav.site a { color: #2780e3; text-decoration: none; } nav.site a.active { font-weight: bold; color: #000; }
 body > main { margin-left: 17rem; max-width: 60rem; }
+main .jp-RenderedMarkdown.jp-RenderedHTMLCommon pre { background: #f7f7f9; padding: 0.5rem 0.75rem; margin-bottom: 1rem; overflow-x: auto; }
 @media (max-width: 50rem) { nav.site { position: static; width: auto; } body > main { margin-left: 0; } }
 </style>{% endblock %}
 {% block body_header %}{{ super() }}{{ resources.nav }}{% endblock %}
@@ -161,6 +163,22 @@ def nav_html(pages, current):
     items = ''.join(f'<li><a href="{stem}.html"{" class=active" if stem == current else ""}>{title}</a></li>'
                     for stem, title in pages)
     return f'<nav class="site"><ul>{items}</ul></nav>'
+
+
+def local_links(htmls):
+    """Point nbdev's doc links (`{doc_host}{doc_baseurl}/data.html#imageset`, to the Quarto site's
+    page names and lower-case anchors) at this site's pages (`00_data.html#ImageSet`)."""
+    from nbdev.config import get_config
+    cfg = get_config()
+    base = re.escape(f"{cfg.doc_host}{cfg.doc_baseurl}".rstrip('/'))
+    stems = {re.sub(r'^\d+[a-zA-Z0-9]*_', '', s.lower()): s for s in htmls}  # as nbdev's _nbpath2html
+    ids = {s: {i.lower(): i for i in re.findall(r'\bid="([^"]+)"', h)} for s, h in htmls.items()}
+    def sub(m):
+        stem = stems.get(m[1])
+        if stem is None: return m[0]
+        anchor = m[2] and ids[stem].get(m[2].lower(), m[2])
+        return f'href="{stem}.html' + (f'#{anchor}' if anchor else '') + '"'
+    return {s: re.sub(rf'href="{base}/([^"#/]+)\.html(?:#([^"]*))?"', sub, h) for s, h in htmls.items()}
 
 
 def site(offline=False, force=False):
@@ -182,9 +200,10 @@ def site(offline=False, force=False):
         nb = load((proc/src.name).read_text(encoding='utf-8'))
         nbs[src.stem] = (tidy(nb), nb)
     pages = [(stem, title) for stem, (title, _) in nbs.items()]
-    for stem, (title, nb) in nbs.items():
-        html, _ = exporter.from_notebook_node(nb, resources={'nav': nav_html(pages, stem),
-                                                             'metadata': {'name': title, 'path': str(NBS)}})
+    htmls = {stem: exporter.from_notebook_node(nb, resources={'nav': nav_html(pages, stem),
+                                                              'metadata': {'name': title, 'path': str(NBS)}})[0]
+             for stem, (title, nb) in nbs.items()}
+    for stem, html in local_links(htmls).items():
         (DOCS/f'{stem}.html').write_text(html, encoding='utf-8')
     print(f'Wrote {len(nbs)} pages to {DOCS.relative_to(ROOT)}/ (start at index.html)')
 
