@@ -134,45 +134,36 @@ def fclora_model(model, data, cfg, mean, std):
 
 # ---------------------------------------------------------------- fclora's training step
 class FcloraStepper:
-    """One step of `fclora.training.train`'s loop: train_batch -> autocast forward -> soft CE -> AdamW -> LR schedule."""
+    """`fclora.training.train`'s loop, one step at a time: train_batch, then the library's own `train_step`."""
 
     def __init__(self, model, data, cfg, mean, std, dtype=None):
-        from fclora.training import warmup_cosine
-        from fclora.data import batch_indices
+        from fclora.training import make_optimizer
         self.model, self.data, self.cfg, self.mean, self.std, self.dtype = model, data, cfg, mean, std, dtype
         self.device = data.x.device
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.get_lr(), weight_decay=cfg.weight_decay,
-                                     fused=self.device.type == "cuda")
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(10**6, 10))
+        self.opt, self.sched = make_optimizer(model, cfg, total_steps=10**6)
         self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
         self.gen_dev = torch.Generator(self.device).manual_seed(cfg.seed + 1)
-        self._batch_indices, self._order, self._epoch = batch_indices, [], 0
+        self._order, self._epoch = [], 0
         self.loss_sum = torch.zeros((), device=self.device)
 
     def next_idx(self):
-        if not self._order:
-            self._order = self._batch_indices(len(self.data), self.cfg.batch_size, shuffle=True, drop_last=True,
-                                              generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + self._epoch))
+        "The next batch of indices, from the same epoch sampler as `train`, copied to the device once per epoch."
+        from fclora.training import epoch_batches
+        if not len(self._order):
+            self._order = list(torch.stack(epoch_batches(len(self.data), self.cfg, self._epoch)).to(self.device))
             self._epoch += 1
         return self._order.pop(0)
 
     def batch(self):
         from fclora.training import train_batch
-        return train_batch(self.data, self.next_idx().to(self.device), self.cfg, self.mean, self.std,
-                           self.gen_cpu, self.gen_dev)
+        return train_batch(self.data, self.next_idx(), self.cfg, self.mean, self.std, self.gen_cpu, self.gen_dev)
 
     def step(self, x=None, y=None):
         "A full fclora step; with (x, y) given, the model-only step on that fixed batch."
-        from fclora.training import soft_cross_entropy
-        from fclora.lora import model_logits
+        from fclora.training import train_step
         if x is None: x, y = self.batch()
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = soft_cross_entropy(model_logits(self.model, x), y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step(); self.sched.step()
-        self.loss_sum += loss.detach()
+        loss = train_step(self.model, x, y, self.opt, self.sched, self.dtype)
+        self.loss_sum += loss
         return loss
 
 

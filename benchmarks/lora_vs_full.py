@@ -6,6 +6,7 @@ on CUDA torch.cuda.max_memory_allocated. `*_base_mb` is the same measure taken j
 (interpreter, libraries, model, data); the peak mark is reset to it there (CPU: Linux /proc/self/clear_refs "5",
 which ru_maxrss follows; CUDA: reset_peak_memory_stats), so `*_peak_mb` is the peak while training (not while
 importing or scoring) and train_memory_ratio compares what training added (peak - base).
+Each method runs --windows times, alternating (lora, full, lora, full, ...); medians over runs are reported.
 Step time: median of per-step times (--steps after --warmup) of fclora's training step
 (train_batch -> forward -> soft CE -> backward -> AdamW). LoRA: fclora's scored ranks (budget = --rank x #q/k/v),
 adapter + classifier trainable. Full: fclora's method "full" (every parameter trainable, AdamW state for all).
@@ -91,6 +92,7 @@ def main():
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--windows", type=int, default=2, help="fresh-process runs per method (alternating); medians reported")
     p.add_argument("--train-images", type=int, default=1024)
     p.add_argument("--worker", choices=("lora", "full"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -99,9 +101,15 @@ def main():
     if args.worker: return worker(args)
     for spec, size, label in resolve_models(args.models, args.tiny_config):
         log(f"[{label} at {size} px]")
-        lo, fu = (run_worker(m, spec, size, args) for m in ("lora", "full"))
+        runs = {"lora": [], "full": []}
+        for w in range(args.windows):  # alternate lora, full, lora, full, ... each in a fresh process
+            for m in runs: runs[m].append(run_worker(m, spec, size, args))
+        lo, fu = ({k: median([r[k] for r in rs]) if k in ("step_s", "peak_mb", "base_mb") else rs[0][k] for k in rs[0]}
+                  for rs in runs.values())
         emit(dict(model=label, image_size=size, batch_size=args.batch_size, precision=args.precision,
-                  threads=lo["threads"], device=args.device, steps=args.steps,
+                  threads=lo["threads"], device=args.device, steps=args.steps, windows=args.windows,
+                  lora_step_s_windows=[round(r["step_s"], 4) for r in runs["lora"]],
+                  full_step_s_windows=[round(r["step_s"], 4) for r in runs["full"]],
                   step_time_ratio=round(lo["step_s"] / fu["step_s"], 3),
                   peak_memory_ratio=round(lo["peak_mb"] / fu["peak_mb"], 3),
                   train_memory_ratio=round((lo["peak_mb"] - lo["base_mb"]) / max(fu["peak_mb"] - fu["base_mb"], 1e-9), 3),
