@@ -14,7 +14,7 @@ from .data import FcloraError, load_data, balanced_subset, train_val_split
 from .lora import load_model, image_stats, param_table, RANDOM_MODELS
 from .allocation import rank_grid
 from .training import Config, METHODS, resolve_device
-from .experiment import PRESETS, make_config, validate_config, plan_ranks, scoring_batches, RUN_FILES
+from .experiment import PRESETS, make_config, validate_config, check_out_dir, plan_ranks
 from .report import load_results, summary_table, aggregate, paired_difference
 
 # %% auto #0
@@ -90,11 +90,7 @@ def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:boo
     nb = notebook_path(experiment)
     cfg = make_config(preset, experiment, **params)
     validate_config(cfg)
-    out = Path(cfg.get_out_dir())
-    if (out/"results.json").exists() and not cfg.overwrite:
-        raise FcloraError(f"{out} already holds a finished run; pass --overwrite or use another --out-dir")
-    if (out/"config.json").exists() and not (out/"results.json").exists() and not (cfg.resume or cfg.overwrite):
-        raise FcloraError(f"{out} holds an unfinished run; pass --resume to continue it, or --overwrite")
+    out = check_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     executed = out/nb.name
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(params, preset=preset, out_dir=str(out)).items()}

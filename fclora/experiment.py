@@ -23,7 +23,8 @@ from .calibration import fit_temperature, evaluate_logits, calibration_bins
 
 # %% auto #0
 __all__ = ['PRESETS', 'RUN_FILES', 'make_config', 'config_from', 'validate_config', 'prepare_data', 'scoring_batches',
-           'plan_ranks', 'adapt_model', 'adalora_ranks', 'prepare_out_dir', 'peak_memory_mb', 'run_experiment']
+           'plan_ranks', 'adapt_model', 'adalora_ranks', 'check_out_dir', 'prepare_out_dir', 'peak_memory_mb',
+           'run_experiment']
 
 # %% ../nbs/06_experiment.ipynb #3d805603
 PRESETS = {
@@ -147,13 +148,18 @@ def adalora_ranks(model) -> dict:
 # %% ../nbs/06_experiment.ipynb #a70389ae
 RUN_FILES = ("config.json", "plan.json", "results.json", "error.json", "last.pt", "adapter")
 
-def prepare_out_dir(cfg:Config) -> Path:
-    "Create or check `cfg.out_dir` for a new, resumed or overwritten run."
+def check_out_dir(cfg:Config) -> Path:
+    "`cfg.out_dir`, unless it holds a finished run (and no overwrite) or an unfinished one (and no resume)."
     out = Path(cfg.get_out_dir())
     if (out/"results.json").exists() and not cfg.overwrite:
         raise FcloraError(f"{out} already holds a finished run; pass overwrite=True (--overwrite) or use another out_dir")
     if (out/"config.json").exists() and not (out/"results.json").exists() and not (cfg.resume or cfg.overwrite):
         raise FcloraError(f"{out} holds an unfinished run; pass resume=True (--resume) to continue it, or overwrite=True")
+    return out
+
+def prepare_out_dir(cfg:Config) -> Path:
+    "Check, then create or clean, `cfg.out_dir` for a new, resumed or overwritten run."
+    out = check_out_dir(cfg)
     if cfg.overwrite and not cfg.resume:  # remove the old run's files, nothing else
         for f in RUN_FILES: shutil.rmtree(out/f) if (out/f).is_dir() else (out/f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@
     python tools/docs.py readme --check    # exit 1 if README.md is out of date
     python tools/docs.py site              # nbdev_docs if Quarto is installed, else an offline site
     python tools/docs.py site --offline    # always the offline site: _docs/<notebook>.html
+    python tools/docs.py execute [NAMES]   # run notebooks in place so the docs show their figures
 
 Both commands first run nbdev's own docs processing on each notebook (the same
 `FilterDefaults` processors `nbdev_docs` uses): hidden cells go, `show_doc` cells are
@@ -208,6 +209,28 @@ def site(offline=False, force=False):
     print(f'Wrote {len(nbs)} pages to {DOCS.relative_to(ROOT)}/ (start at index.html)')
 
 
+# ---------------------------------------------------------------- saved outputs
+
+def execute(names=()):
+    """Run notebooks in place so the docs show their outputs (figures, tables), then drop the noise:
+    stderr (warnings, progress bars) and execution counts; `nbdev_clean` finishes the job."""
+    from nbclient import NotebookClient
+    env = dict(TQDM_DISABLE='1', PYTHONWARNINGS='ignore', TRANSFORMERS_VERBOSITY='error')
+    os.environ.update(env)  # the kernel inherits them
+    for path in sorted(NBS.glob('[0-9]*.ipynb')) + [NBS/'index.ipynb']:
+        if names and path.stem not in names: continue
+        nb = nbformat.read(path, as_version=4)
+        if any('#| eval: false' in c.source for c in nb.cells if c.cell_type == 'code') and path.stem.startswith('1') \
+                and path.stem != '12_results': continue  # the experiment notebooks keep no outputs: they are run by papermill
+        print('executing', path.name, flush=True)
+        NotebookClient(nb, timeout=900, kernel_name='python3', resources={'metadata': {'path': str(NBS)}}).execute()
+        for c in nb.cells:
+            if c.cell_type == 'code':
+                c.outputs = [o for o in c.outputs if not (o.output_type == 'stream' and o.name == 'stderr')]
+        nbformat.write(nb, path)
+    subprocess.run([str(Path(sys.executable).parent/'nbdev_clean')], cwd=ROOT, check=True)
+
+
 if __name__ == '__main__':  # the guard matters: nbdev's proc_nbs starts worker processes
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -216,6 +239,10 @@ if __name__ == '__main__':  # the guard matters: nbdev's proc_nbs starts worker 
     s = sub.add_parser('site', help='build the docs site into _docs/')
     s.add_argument('--offline', action='store_true', help="don't use Quarto even if it is installed")
     s.add_argument('--force', action='store_true', help='reprocess all notebooks, ignoring the _proc/ cache')
+    e = sub.add_parser('execute', help='run notebooks in place to save their outputs for the docs')
+    e.add_argument('names', nargs='*', help='notebook stems (default: all but the papermill experiment notebooks)')
     a = p.parse_args()
     os.chdir(ROOT)  # nbdev finds settings.ini from the working directory
-    readme(a.check) if a.cmd == 'readme' else site(a.offline, a.force)
+    if a.cmd == 'readme': readme(a.check)
+    elif a.cmd == 'site': site(a.offline, a.force)
+    else: execute(a.names)
