@@ -18,8 +18,8 @@ from .experiment import PRESETS, make_config, validate_config, check_out_dir, pl
 from .report import load_results, summary_table, aggregate, paired_difference
 
 # %% auto #0
-__all__ = ['NOTEBOOKS', 'add_config_options', 'config_overrides', 'plan', 'notebook_path', 'run_notebook', 'sweep', 'compare',
-           'main']
+__all__ = ['NOTEBOOKS', 'add_config_options', 'config_overrides', 'plan', 'ExperimentFailed', 'notebook_path', 'run_notebook',
+           'sweep', 'compare', 'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
 def _parse_value(kind, text:str):
@@ -76,6 +76,9 @@ def plan(args) -> dict:
 # %% ../nbs/08_cli.ipynb #71c22fff
 NOTEBOOKS = {"cifar10": "10_cifar10.ipynb", "cifar100": "11_cifar100.ipynb"}
 
+class ExperimentFailed(RuntimeError):
+    "The experiment notebook raised something other than a user error; its traceback is in the executed notebook."
+
 def notebook_path(name:str) -> Path:
     "The experiment notebook for `name` (cifar10 or cifar100) in the repository's nbs/."
     if name not in NOTEBOOKS: raise FcloraError(f"unknown experiment '{name}': use one of {', '.join(NOTEBOOKS)}")
@@ -98,10 +101,11 @@ def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:boo
         pm.execute_notebook(str(nb), str(executed), parameters=params, progress_bar=not log_output,
                             log_output=log_output, cwd=os.getcwd(), kernel_name="python3")
     except pm.PapermillExecutionError as e:
+        if e.ename == "KeyboardInterrupt": raise KeyboardInterrupt from None
         if e.ename in ("FcloraError", "TrainingDiverged"):
             if e.ename == "FcloraError": executed.unlink(missing_ok=True)
             raise FcloraError(e.evalue) from None
-        raise RuntimeError(f"the experiment failed with {e.ename}: {e.evalue} (see {executed})") from None
+        raise ExperimentFailed(f"the experiment failed with {e.ename}: {e.evalue} (the executed notebook {executed} has the traceback)") from None
     return out
 
 def sweep(experiment:str, methods, seeds, out_dir:str, params:dict, preset:str="paper") -> list[Path]:
@@ -192,5 +196,7 @@ def main(argv=None):
         elif args.command == "compare": compare(args.paths, args.csv, args.agg_csv)
     except FcloraError as e:
         print(f"fclora: error: {e}", file=sys.stderr); sys.exit(2)
+    except ExperimentFailed as e:
+        print(f"fclora: error: {e}", file=sys.stderr); sys.exit(1)
     except KeyboardInterrupt:
         print("fclora: interrupted; the last checkpoint is kept: rerun with --resume to continue", file=sys.stderr); sys.exit(130)

@@ -219,8 +219,8 @@ def _run(cfg:Config, out:Path) -> dict:
 
     counts = param_table(model, None if ranks is None else ranks.to_dict())
     model = adapt_model(model, ranks, cfg, total_steps)
+    core = model  # evaluated and saved below; the compiled/DDP wrappers only train
     if cfg.compile: model = _try_compile(model)
-    core = model
     if size > 1: model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     t1 = time.perf_counter()
     history = train(model, train_set, val_set, cfg, mean, std, ckpt_path=out/"last.pt")
@@ -284,9 +284,11 @@ def _worker(config_path:str):
     sys.exit(code)
 
 def _try_compile(model):
+    "torch.compile; wherever compilation fails, dynamo runs that code eagerly and warns (suppress_errors)."
+    import warnings, torch._dynamo
+    torch._dynamo.config.suppress_errors = True
     try: return torch.compile(model)
-    except Exception as e:
-        import warnings; warnings.warn(f"torch.compile failed ({e}); running uncompiled"); return model
+    except Exception as e: warnings.warn(f"torch.compile failed ({e}); training uncompiled"); return model
 
 # %% ../nbs/06_experiment.ipynb #0cbfd315
 if __name__ == "__main__" and Path(sys.argv[0]).name == "experiment.py": _worker(sys.argv[1])
