@@ -54,7 +54,8 @@ def allocate_ranks(scores, # importance per layer: a pandas Series (index = modu
     if len(s) == 0: raise FcloraError("no layers to allocate ranks to")
     if not np.isfinite(s).all() or (s < 0).any(): raise FcloraError(f"scores must be finite and non-negative, got {s.tolist()}")
     check_budget(len(s), budget, r_min, r_max)
-    x = _water_fill(np.maximum(s, s.max() * 1e-9) if s.max() > 0 else np.ones_like(s), budget, r_min, r_max)
+    s_fill = np.maximum(s / s.max(), 1e-9) if s.max() > 0 else np.ones_like(s)  # scale-free; zeros become tiny
+    x = _water_fill(s_fill, budget, r_min, r_max)
     r = np.floor(x + 1e-9).astype(int)
     frac = np.where(r < r_max, x - r, -np.inf)
     order = sorted(range(len(s)), key=lambda i: (-frac[i], -s[i], i))
