@@ -74,7 +74,7 @@ def test_out_dir_policies(tmp_path):
 
 
 def _start(args, out):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))   # as `fclora()` does: same threads, same sums
     return subprocess.Popen([str(BIN/"fclora"), *QUICK, *args, "--out-dir", str(out)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
