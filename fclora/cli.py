@@ -176,12 +176,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--agg-csv", default=None, help="write the per-method mean/std/CI table here")
     return p
 
-def _interrupt(signum, frame): raise KeyboardInterrupt
+_interrupted = False
+
+def _interrupt(signum, frame):
+    "Ctrl-C or SIGTERM: stop the notebook's kernel and its workers at once (the last checkpoint is intact), end like Ctrl-C."
+    global _interrupted
+    _interrupted = True
+    import psutil
+    for child in psutil.Process().children(recursive=True):
+        try: child.kill()
+        except psutil.NoSuchProcess: pass
+    raise KeyboardInterrupt
 
 def main(argv=None):
     "The `fclora` command."
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # a polite kill ends like Ctrl-C: checkpoint kept, resume suggested
+    if argv is None:  # the `fclora` command (not a call from Python): the kernel runs in its own session, so stop it ourselves
+        for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, _interrupt)
     try:
         if args.command == "plan": plan(args)
         elif args.command == "run":
@@ -194,9 +205,8 @@ def main(argv=None):
             sweep(args.experiment, methods, seeds, out_dir, params, args.preset)
             compare([out_dir])
         elif args.command == "compare": compare(args.paths, args.csv, args.agg_csv)
-    except FcloraError as e:
-        print(f"fclora: error: {e}", file=sys.stderr); sys.exit(2)
-    except ExperimentFailed as e:
-        print(f"fclora: error: {e}", file=sys.stderr); sys.exit(1)
-    except KeyboardInterrupt:
-        print("fclora: interrupted; the last checkpoint is kept: rerun with --resume to continue", file=sys.stderr); sys.exit(130)
+    except BaseException as e:
+        if _interrupted or isinstance(e, KeyboardInterrupt):
+            print("fclora: interrupted; the last checkpoint is kept: rerun with --resume to continue", file=sys.stderr); sys.exit(130)
+        if not isinstance(e, (FcloraError, ExperimentFailed)): raise
+        print(f"fclora: error: {e}", file=sys.stderr); sys.exit(2 if isinstance(e, FcloraError) else 1)
