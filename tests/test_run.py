@@ -105,3 +105,21 @@ def test_papermill_directly_runs_cifar100_notebook(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = results(out)
     assert r["method"] == "lora" and r["config"]["epochs"] == 1 and sum(r["ranks"].values()) == 24
+
+
+def test_sweep_runs_methods_by_seeds_and_compare_aggregates(tmp_path):
+    out = tmp_path/"sweep"
+    p = fclora("sweep", "cifar10", "--preset", "quick", "--methods", "lora,linear", "--seeds", "0,1", "--epochs", "1",
+               "--train-subset", "400", "--out-dir", out, "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(d.name for d in out.iterdir()) == ["linear-seed0", "linear-seed1", "lora-seed0", "lora-seed1"]
+    assert "across seeds (mean, std, 95% CI half-width)" in p.stdout
+    again = fclora("sweep", "cifar10", "--preset", "quick", "--methods", "lora,linear", "--seeds", "0,1", "--epochs", "1",
+                   "--train-subset", "400", "--out-dir", out, "--no-progress")
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 4     # a sweep continues, never redoes
+    p = fclora("compare", out, "--agg-csv", tmp_path/"agg.csv")
+    import pandas as pd
+    agg = pd.read_csv(tmp_path/"agg.csv", index_col="method")
+    assert agg.loc["lora", "seeds"] == 2 and agg.loc["lora", "test_accuracy ci95"] > 0
+    accs = [results(out/f"lora-seed{s}")["test_accuracy"] for s in (0, 1)]
+    assert abs(agg.loc["lora", "test_accuracy mean"] - sum(accs) / 2) < 1e-12
