@@ -4,7 +4,6 @@
 
 # %% ../nbs/05_calibration.ipynb #f70c45e3
 from __future__ import annotations
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -8,12 +8,11 @@ import argparse, dataclasses, json, os, signal, sys, time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from .data import FcloraError, load_data, balanced_subset, train_val_split
 from .lora import load_model, image_stats, param_table, RANDOM_MODELS
 from .allocation import rank_grid
-from .training import Config, METHODS, resolve_device
+from .training import Config, resolve_device
 from .experiment import PRESETS, make_config, validate_config, check_out_dir, plan_ranks
 from .report import load_results, summary_table, aggregate, paired_difference
 

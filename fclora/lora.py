@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_lora.ipynb #88e10790
 from __future__ import annotations
-import functools, inspect, math, os
+import functools, inspect, math
 from pathlib import Path
 
 import pandas as pd

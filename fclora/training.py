@@ -5,7 +5,7 @@
 # %% ../nbs/04_training.ipynb #a38a0306
 from __future__ import annotations
 import dataclasses, json, math, os, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

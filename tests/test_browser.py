@@ -11,7 +11,7 @@ and we are root with apt, the test installs them (~20 s), else it skips. ~12 s f
 import functools, html, json, os, re, shutil, subprocess, threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import pytest
 

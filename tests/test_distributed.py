@@ -4,7 +4,6 @@ import json, os, subprocess, sys, textwrap
 
 import numpy as np
 import pandas as pd
-import torch
 
 from conftest import fclora, results
 

@@ -1,7 +1,6 @@
 """Faults a user meets: bad input (one line, exit 2, nothing but an error record), out_dir policies, a run
 killed mid-epoch and resumed (bit-identical on CPU), the same seed twice, and fuzzed configurations."""
-import json, os, signal, subprocess, time
-from pathlib import Path
+import os, signal, subprocess, time
 
 import numpy as np
 import pytest

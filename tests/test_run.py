@@ -1,7 +1,6 @@
 """Experiments as users run them: `fclora run` (papermill) per method with the quick preset, papermill directly,
 `fclora compare`, and the saved adapter reloaded by stock peft in a fresh process."""
 import json, subprocess, sys
-from pathlib import Path
 
 import pytest
 
