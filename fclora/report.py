@@ -162,7 +162,7 @@ def plot_run(result:dict):
     has_ranks, has_imp = bool(result["ranks"]), bool(result["importance"])
     fig = plt.figure(figsize=(13, 6.5), layout="constrained")
     top, bottom = fig.subfigures(2, 1)
-    axs = top.subplots(1, 2 + has_imp, width_ratios=[1, 1] + [3] * has_imp) if True else None
+    axs = top.subplots(1, 2 + has_imp, width_ratios=[1, 1] + [3] * has_imp)
     plot_training_curves([result], axs[:2])
     if has_imp: plot_importance(result, axs[2])
     b = bottom.subplots(1, 2 + has_ranks, width_ratios=[1, 1] + [0.6] * has_ranks)
