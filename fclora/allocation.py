@@ -12,10 +12,11 @@ import pandas as pd
 from peft import LoraConfig
 
 from .data import FcloraError
+from .lora import QKV_NAMES
 
 # %% auto #0
-__all__ = ['R_MIN', 'R_MAX', 'LORA_SCALING', 'check_budget', 'allocate_ranks', 'uniform_ranks', 'lora_config',
-           'block_and_projection', 'rank_grid']
+__all__ = ['R_MIN', 'R_MAX', 'LORA_SCALING', 'check_budget', 'allocate_ranks', 'uniform_ranks', 'check_param_budget',
+           'allocate_params', 'lora_config', 'block_and_projection', 'rank_grid']
 
 # %% ../nbs/03_allocation.ipynb #380c0da6
 R_MIN, R_MAX = 1, 16  # the note's rank bounds
@@ -30,9 +31,10 @@ def check_budget(n:int, budget, r_min:int=R_MIN, r_max:int=R_MAX):
                           f"it must lie in [{n * r_min}, {n * r_max}]")
 
 # %% ../nbs/03_allocation.ipynb #b3ca9101
-def _water_fill(s:np.ndarray, budget:int, lo:int, hi:int) -> np.ndarray:
-    "Real x_i = clip(c s_i, lo, hi) with sum(x) = budget."
-    total = lambda c: np.clip(c * s, lo, hi).sum()
+def _water_fill(s:np.ndarray, budget:int, lo:int, hi:int, costs:np.ndarray|None=None) -> np.ndarray:
+    "Real x_i = clip(c s_i, lo, hi) with sum(costs * x) = budget (every cost 1 by default)."
+    w = np.ones_like(s) if costs is None else np.asarray(costs, dtype=float)
+    total = lambda c: (w * np.clip(c * s, lo, hi)).sum()
     c_lo, c_hi = 0.0, 1.0
     while total(c_hi) < budget: c_hi *= 2
     for _ in range(200):
@@ -41,7 +43,7 @@ def _water_fill(s:np.ndarray, budget:int, lo:int, hi:int) -> np.ndarray:
     x = np.clip(c_hi * s, lo, hi)
     free = (x > lo) & (x < hi)
     if free.any():  # remove the bisection's last rounding error from the free layers
-        x[free] = np.clip(s[free] * (budget - x[~free].sum()) / s[free].sum(), lo, hi)
+        x[free] = np.clip(s[free] * (budget - (w * x)[~free].sum()) / (w * s)[free].sum(), lo, hi)
     return x
 
 def allocate_ranks(scores, # importance per layer: a pandas Series (index = module names) or a sequence
@@ -66,6 +68,44 @@ def uniform_ranks(names:list[str], budget:int, r_min:int=R_MIN, r_max:int=R_MAX)
     "The uniform-LoRA baseline: the same budget spread as evenly as integers allow."
     return allocate_ranks(pd.Series(1.0, index=names), budget, r_min, r_max)
 
+# %% ../nbs/03_allocation.ipynb #a153c9dd
+def check_param_budget(costs, budget, r_min:int=R_MIN, r_max:int=R_MAX):
+    "Raise a clear error unless layers whose rank costs `costs` parameters can spend `budget` parameters within [r_min, r_max]."
+    check_budget(1, r_min, r_min, r_max)   # the bounds themselves
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise FcloraError(f"the parameter budget must be an integer, got {budget!r}")
+    total = int(np.sum(costs))
+    if not total * r_min <= budget <= total * r_max:
+        raise FcloraError(f"parameter budget {budget:,} is infeasible for {len(costs)} layers ({min(costs):,} to {max(costs):,} "
+                          f"parameters per rank) with ranks in [{r_min}, {r_max}]: it must lie in [{total * r_min:,}, {total * r_max:,}]")
+
+def allocate_params(scores, # importance per layer: a pandas Series (index = module names) or a sequence
+                    costs, # parameters per unit of rank of each layer, d_in + d_out, in the same order
+                    budget:int, # total adapter parameters P
+                    r_min:int=R_MIN, r_max:int=R_MAX,
+                   ) -> pd.Series:
+    "Integer ranks in score order, each in [r_min, r_max], costing at most `budget` parameters, with no layer able to take one more."
+    scores = scores if isinstance(scores, pd.Series) else pd.Series(scores)
+    s, c = scores.to_numpy(dtype=float), np.asarray(costs)
+    if len(s) == 0: raise FcloraError("no layers to allocate ranks to")
+    if len(c) != len(s) or not all(isinstance(v, (int, np.integer)) and v > 0 for v in c.tolist()):
+        raise FcloraError(f"costs must be one positive integer per layer, got {list(costs)!r}")
+    if not np.isfinite(s).all() or (s < 0).any(): raise FcloraError(f"scores must be finite and non-negative, got {s.tolist()}")
+    c = c.astype(np.int64)
+    check_param_budget(c, budget, r_min, r_max)
+    s_fill = np.maximum(s / s.max(), 1e-9) if s.max() > 0 else np.ones_like(s)
+    x = _water_fill(s_fill, budget, r_min, r_max, c)
+    r = np.clip(np.floor(x + 1e-9), r_min, r_max).astype(np.int64)
+    if (r * c).sum() > budget: r = np.clip(np.floor(x), r_min, r_max).astype(np.int64)
+    higher = s[None, :] > s[:, None]  # higher[i, j]: layer j has a higher score than layer i
+    while True:
+        left = budget - int((r * c).sum())
+        blocked = (higher & (r[None, :] <= r[:, None])).any(1)  # one more rank would pass a higher-scored layer
+        can = np.flatnonzero((r < r_max) & (c <= left) & ~blocked)
+        if len(can) == 0: break
+        r[max(can, key=lambda i: (x[i] - r[i], s[i], -i))] += 1
+    return pd.Series(r, index=scores.index, name="rank")
+
 # %% ../nbs/03_allocation.ipynb #d928af1b
 LORA_SCALING = 2.0  # alpha / r for every layer
 
@@ -73,25 +113,31 @@ def lora_config(ranks:dict|pd.Series, # {full module name: rank}
                 head_names:list[str], # trained and saved with the adapter
                 scaling:float=LORA_SCALING, # alpha_i = scaling * r_i
                 dropout:float=0.0,
+                **peft_kwargs, # any other `LoraConfig` field (they win over the ones above)
                ) -> LoraConfig:
     "A stock peft `LoraConfig` with a rank and alpha per module, keyed by escaped full module names."
     ranks = {k: int(v) for k, v in dict(ranks).items()}
     r0 = Counter(ranks.values()).most_common(1)[0][0]
-    return LoraConfig(r=r0, lora_alpha=scaling * r0, lora_dropout=dropout, target_modules=list(ranks),
-                      rank_pattern={re.escape(n): r for n, r in ranks.items()},
-                      alpha_pattern={re.escape(n): scaling * r for n, r in ranks.items()},
-                      modules_to_save=list(head_names))
+    return LoraConfig(**{**dict(r=r0, lora_alpha=scaling * r0, lora_dropout=dropout, target_modules=list(ranks),
+                                rank_pattern={re.escape(n): r for n, r in ranks.items()},
+                                alpha_pattern={re.escape(n): scaling * r for n, r in ranks.items()},
+                                modules_to_save=list(head_names) or None), **peft_kwargs})
 
 # %% ../nbs/03_allocation.ipynb #52cdf044
 def block_and_projection(name:str) -> tuple[int, str]:
-    "Block number and projection letter (q, k or v) of a full q/k/v module name."
-    block, leaf = name.rsplit(".", 1)
-    return int(re.findall(r"\d+", block)[-1]), leaf[0]
+    "Block number and projection of a full module name: q, k or v for query/key/value, else the name's path inside its block."
+    parts = name.split(".")
+    blocks = [i for i, p in enumerate(parts[:-1]) if p.isdigit()]
+    if not blocks: return -1, parts[-1]
+    leaf = parts[-1]
+    return int(parts[blocks[-1]]), leaf[0] if leaf in QKV_NAMES else ".".join(parts[blocks[-1] + 1:])
 
 def rank_grid(values:dict|pd.Series) -> pd.DataFrame:
-    "Values keyed by full q/k/v module name as a block x {q, k, v} table."
+    "Values keyed by full module name as a block x projection table (q, k, v first, then the others in model order)."
     rows = {}
     for name, v in dict(values).items():
         layer, proj = block_and_projection(name)
         rows.setdefault(layer, {})[proj] = v
-    return pd.DataFrame.from_dict(rows, orient="index")[["q", "k", "v"]].rename_axis("layer")
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    cols = [c for c in ("q", "k", "v") if c in df.columns] + [c for c in df.columns if c not in ("q", "k", "v")]
+    return df[cols].rename_axis("layer")

@@ -4,6 +4,8 @@
 
 # %% ../nbs/02_importance.ipynb #725a575b
 from __future__ import annotations
+import inspect, re
+from collections.abc import Mapping
 from typing import Iterable
 
 import numpy as np
@@ -15,11 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import FcloraError
-from .lora import find_qkv_modules, model_logits
+from .lora import QKV_NAMES, find_qkv_modules, model_logits
 
 # %% auto #0
-__all__ = ['METRIC_WEIGHTS', 'RunningMoments', 'collect_importance', 'reduce_importance', 'check_metric_weights', 'minmax',
-           'importance_table', 'score_modules']
+__all__ = ['METRIC_WEIGHTS', 'RunningMoments', 'layer_shape', 'find_target_modules', 'batch_loss', 'collect_importance',
+           'reduce_importance', 'check_metric_weights', 'minmax', 'importance_table', 'score_modules']
 
 # %% ../nbs/02_importance.ipynb #9343abfe
 class RunningMoments:
@@ -45,15 +47,108 @@ class RunningMoments:
 
     def trace_cov(self) -> float: return float(self.m2.sum() / (self.n - 1))
 
+# %% ../nbs/02_importance.ipynb #2d78bc16
+def _target_types() -> tuple:
+    "Layer types that take a LoRA adapter here: `nn.Linear` and transformers' `Conv1D` (GPT-2)."
+    try: from transformers.pytorch_utils import Conv1D
+    except ImportError: return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+def layer_shape(module:nn.Module) -> tuple[int, int]:
+    "(d_in, d_out) of an `nn.Linear`, or of a `Conv1D`, whose weight is stored (in, out)."
+    if isinstance(module, nn.Linear): return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape
+    return int(d_in), int(d_out)
+
+def _layer_examples(model:nn.Module, k:int=8) -> str:
+    "A few distinct leaf names of the model's linear layers, for error messages."
+    leaves = dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, _target_types()))
+    return ", ".join(list(leaves)[:k]) or "none: it has no nn.Linear or Conv1D layer"
+
+def find_target_modules(model:nn.Module,
+                        targets:str|list[str]|None=None, # None: q/k/v; a list of leaf or full names; or a regex
+                       ) -> list[str]:
+    "Full names of the layers to score and adapt (`nn.Linear` or `Conv1D`), in model order."
+    if targets is None:
+        try: return find_qkv_modules(model)
+        except FcloraError as e: raise FcloraError(f"{e}; pass targets=..., e.g. some of its layers: {_layer_examples(model)}") from None
+    layers = [n for n, m in model.named_modules() if isinstance(m, _target_types())]
+    if isinstance(targets, str):
+        try: pattern = re.compile(targets)
+        except re.error as e: raise FcloraError(f"targets {targets!r} is not a valid regular expression: {e}") from None
+        names = [n for n in layers if pattern.fullmatch(n) or pattern.fullmatch(n.rsplit(".", 1)[-1])]
+    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
+        names = [n for n in layers if any(n == t or n.endswith("." + t) for t in targets)]
+    else: raise FcloraError(f"targets must be a regular expression or a non-empty list of layer names, got {targets!r}")
+    if not names:
+        raise FcloraError(f"no nn.Linear or Conv1D layer of {type(model).__name__} matches targets {targets!r}; "
+                          f"its layers are named e.g. {_layer_examples(model)}")
+    return names
+
+# %% ../nbs/02_importance.ipynb #97f322cd
+def _field(out, name):
+    "`out[name]` or `out.name` (None when absent): model outputs are dicts, dataclasses or `ModelOutput`s."
+    return out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+
+def _takes(model:nn.Module, arg:str) -> bool:
+    "Does the (unwrapped) model's forward take `arg`?"
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    try: return arg in inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError): return False
+
+def _to(batch, device):
+    "A batch (tensor, pair or dict of tensors) on `device`."
+    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping): return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)): return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+def _call(model, *args, **kwargs):
+    try: return model(*args, **kwargs)
+    except TypeError as e:
+        keys = f" (batch keys: {', '.join(kwargs)})" if kwargs else ""
+        raise FcloraError(f"{type(model).__name__} cannot take this batch{keys}: {str(e).splitlines()[0][:200]}") from None
+
+def batch_loss(model:nn.Module, batch) -> torch.Tensor:
+    "The scalar loss scored for one batch: the model's own `loss` if it returns one, else cross-entropy of its logits."
+    if isinstance(batch, Mapping):
+        out, labels = _call(model, **batch), batch.get("labels")
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        x, labels = batch
+        if _takes(model, "pixel_values"): return F.cross_entropy(model_logits(model, x).float(), labels)
+        out = _call(model, x)
+    else:
+        raise FcloraError(f"a batch must be an (x, y) pair of tensors or a dict of model inputs (pixel_values/labels, "
+                          f"input_ids/attention_mask/labels), got {type(batch).__name__}"
+                          + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    loss = _field(out, "loss")
+    if loss is not None: return loss.float().mean()
+    logits = out if isinstance(out, torch.Tensor) else _field(out, "logits")
+    if not isinstance(logits, torch.Tensor):
+        raise FcloraError(f"{type(model).__name__} returned {type(out).__name__} with neither a loss nor logits: "
+                          "score a model that returns one of them (e.g. a Hugging Face model with a task head)")
+    if labels is None:
+        keys = f" (its keys: {', '.join(batch)})" if isinstance(batch, Mapping) else ""
+        raise FcloraError(f"the batch has no 'labels'{keys} and the model returned no loss: add labels to the batches")
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten())
+
 # %% ../nbs/02_importance.ipynb #654090d4
+def _batches(batches):
+    "Iterate `batches`, or say clearly what it should be."
+    if isinstance(batches, (torch.Tensor, Mapping, str)) or not hasattr(batches, "__iter__"):
+        raise FcloraError(f"batches must be an iterable of batches (a DataLoader or a list of (x, y) pairs or dicts), "
+                          f"got {type(batches).__name__}")
+    return batches
+
 def _feed(acc:RunningMoments):
     "A forward hook that merges the module's output into `acc` (and leaves the output alone)."
     def hook(module, inputs, output): acc.update(output)
     return hook
 
 def collect_importance(model:nn.Module, # classifier with its new head
-                       batches:Iterable, # (x, y) pairs, x preprocessed for the model
-                       names:list[str]|None=None, # modules to score (default: all q/k/v projections)
+                       batches:Iterable, # (x, y) pairs (x preprocessed for the model) or dicts of model inputs with labels
+                       names:list[str]|None=None, # modules to score (default: all q/k/v projections; see `find_target_modules`)
                        progress:bool=True, # show a progress bar
                        autocast_dtype:torch.dtype|None=None, # e.g. torch.bfloat16 on a GPU
                       ) -> dict:
@@ -70,10 +165,10 @@ def collect_importance(model:nn.Module, # classifier with its new head
     for w in weights: w.requires_grad_(True)
     fisher, grad, n = torch.zeros(len(names), dtype=torch.float64, device=device), torch.zeros(len(names), dtype=torch.float64, device=device), 0
     try:
-        for x, y in tqdm(batches, desc="scoring", disable=not progress, leave=False):
+        for batch in tqdm(_batches(batches), desc="scoring", disable=not progress, leave=False):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = F.cross_entropy(model_logits(model, x).float(), y)
-            gs = torch.autograd.grad(loss, weights)
+                loss = batch_loss(model, _to(batch, device))
+            gs = [torch.zeros_like(w) if g is None else g for w, g in zip(weights, torch.autograd.grad(loss, weights, allow_unused=True))]
             fisher += torch.stack([g.double().pow(2).mean() for g in gs])
             grad += torch.stack([g.double().abs().mean() for g in gs])
             n += 1
