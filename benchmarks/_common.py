@@ -1,10 +1,10 @@
 """Shared helpers for the benchmark scripts (not part of the fclora package).
 
-Everything here drives fclora's own public functions; nothing re-implements them except the body of
-`fclora.training.train`'s step loop (`fclora_step`), which the benchmarks need one step at a time.
+Everything here drives fclora's own public functions: models come from `fclora.lora.load_model`, and a
+training step is `fclora.training.one_batch`, the very function `train` runs.
 """
 from __future__ import annotations
-import argparse, json, math, os, statistics, sys, time, warnings
+import argparse, itertools, json, math, os, statistics, sys, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,22 +57,22 @@ def add_common_args(p: argparse.ArgumentParser, precision_default="fp32"):
 
 
 # ---------------------------------------------------------------- models and data
-def build_model(spec: str, num_labels: int, image_size: int, seed: int = 0, **overrides):
-    """(model, mean, std): fclora.lora.load_model for fclora names / local folders, or the issue's reference DeiT.
+# The issue's reference DeiT, registered as one more of fclora's random-init architectures (`load_model` builds it).
+TINY_REF_CONFIG = ("DeiTForImageClassification", "DeiTConfig",
+                   dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, patch_size=4))
 
-    `overrides` change the config of the random tiny DeiT (e.g. num_hidden_layers=8)."""
-    import transformers
+
+def build_model(spec: str, num_labels: int, image_size: int, seed: int = 0, **overrides):
+    """(model, mean, std) from fclora's `load_model`: a fclora random-init name, TINY_REF, or a local folder.
+
+    `overrides` change the config of a random-init architecture (e.g. num_hidden_layers=8): the variant is
+    registered in `fclora.lora.RANDOM_MODELS` under its own name, and `load_model` builds it."""
     from fclora.lora import load_model, image_stats, RANDOM_MODELS
-    if spec == TINY_REF or (spec in RANDOM_MODELS and overrides):
-        torch.manual_seed(seed)
-        if spec == TINY_REF:
-            kw = dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768, patch_size=4)
-            cls, cfg_cls = "DeiTForImageClassification", "DeiTConfig"
-        else:
-            cls, cfg_cls, kw = RANDOM_MODELS[spec]
-        cfg = getattr(transformers, cfg_cls)(num_labels=num_labels, image_size=image_size, **{**kw, **overrides})
-        model = getattr(transformers, cls)(cfg)
-        return model, *image_stats("random-deit-tiny")
+    RANDOM_MODELS.setdefault(TINY_REF, TINY_REF_CONFIG)
+    if overrides:
+        cls, cfg_cls, kw = RANDOM_MODELS[spec]
+        spec = spec + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+        RANDOM_MODELS[spec] = (cls, cfg_cls, {**kw, **overrides})
     model = load_model(spec, num_labels, image_size if spec in RANDOM_MODELS else None, seed)
     return model, *image_stats(spec)
 
@@ -119,8 +119,8 @@ def train_images(n: int | None = None, seed: int = 0):
 
 def fclora_config(image_size: int, batch_size: int, budget: int, score_batches: int, seed: int = 0,
                   precision: str = "fp32", method: str = "fclora", device: str = "cpu"):
-    from fclora.training import Config
-    return Config(method=method, model_name="benchmark", dataset="benchmark", image_size=image_size,
+    from fclora.core import Config
+    return Config(method=method, model_name="benchmark", dataset="benchmark", image_size=image_size, epochs=10**4,
                   batch_size=batch_size, rank_budget=budget, score_batches=score_batches, seed=seed,
                   precision=precision, device=device, progress=False)
 
@@ -133,38 +133,24 @@ def fclora_model(model, data, cfg, mean, std):
 
 
 # ---------------------------------------------------------------- fclora's training step
-class FcloraStepper:
-    """`fclora.training.train`'s loop, one step at a time: train_batch, then the library's own `train_step`."""
+def fclora_steps(model, data, cfg, mean, std):
+    """(fit, step): fclora's training state (`start_fit`) and `step()`, which trains on the next batch with
+    `one_batch` (what `train` runs: augment, forward, loss, backward, AdamW), epoch after epoch.
+    `step(x, y)` instead takes fclora's `train_step` alone on a fixed prepared batch (the model-only path)."""
+    from fclora.training import start_fit, epoch_order, one_batch, train_step
+    fit = start_fit(model, data, None, cfg, mean, std)
+    batches = (idx for epoch in itertools.count() for idx in epoch_order(fit, epoch))
 
-    def __init__(self, model, data, cfg, mean, std, dtype=None):
-        from fclora.training import make_optimizer
-        self.model, self.data, self.cfg, self.mean, self.std, self.dtype = model, data, cfg, mean, std, dtype
-        self.device = data.x.device
-        self.opt, self.sched = make_optimizer(model, cfg, total_steps=10**6)
-        self.gen_cpu = torch.Generator().manual_seed(cfg.seed)
-        self.gen_dev = torch.Generator(self.device).manual_seed(cfg.seed + 1)
-        self._order, self._epoch = [], 0
-        self.loss_sum = torch.zeros((), device=self.device)
+    def step(x=None, y=None):
+        if x is None: return one_batch(fit, next(batches))
+        return train_step(fit.model, x, y, fit.opt, fit.sched, fit.dtype)
+    return fit, step
 
-    def next_idx(self):
-        "The next batch of indices, from the same epoch sampler as `train`, copied to the device once per epoch."
-        from fclora.training import epoch_batches
-        if not len(self._order):
-            self._order = list(torch.stack(epoch_batches(len(self.data), self.cfg, self._epoch)).to(self.device))
-            self._epoch += 1
-        return self._order.pop(0)
 
-    def batch(self):
-        from fclora.training import train_batch
-        return train_batch(self.data, self.next_idx(), self.cfg, self.mean, self.std, self.gen_cpu, self.gen_dev)
-
-    def step(self, x=None, y=None):
-        "A full fclora step; with (x, y) given, the model-only step on that fixed batch."
-        from fclora.training import train_step
-        if x is None: x, y = self.batch()
-        loss = train_step(self.model, x, y, self.opt, self.sched, self.dtype)
-        self.loss_sum += loss
-        return loss
+def fclora_batch(fit):
+    "One prepared (x, soft y) batch from fclora's own pipeline (`train_batch`) on the fit's data."
+    from fclora.training import train_batch, epoch_order
+    return train_batch(fit.train_set, epoch_order(fit, 0)[0], fit.cfg, fit.mean, fit.std, fit.gen_cpu, fit.gen_dev)
 
 
 def timed(fn, steps: int, device="cpu") -> float:

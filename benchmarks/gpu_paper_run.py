@@ -22,13 +22,13 @@ reports which source lines synchronise host and device (`sync_points`).
 --smoke: a tiny DeiT at 32 px, a few hundred images, on whatever device is there (CPU here): checks the script runs.
 """
 from __future__ import annotations
-import argparse, collections, gc, math, sys, time, warnings
+import argparse, collections, dataclasses, gc, math, sys, time, warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
-from _common import log, emit, sync, FcloraStepper
+from _common import log, emit, sync, fclora_steps
 
 
 def synthetic(n, seed, device, num_classes=10):
@@ -69,8 +69,9 @@ def sync_points(fn, n):
 def run_method(method, data, args, device, flop_fwd):
     from fclora.lora import load_model, find_qkv_modules
     from fclora.importance import collect_importance
-    from fclora.experiment import plan_ranks, adapt_model, scoring_batches, _try_compile, peak_memory_mb
-    from fclora.training import Config, train, predict, autocast_dtype
+    from fclora.experiment import plan_ranks, adapt_model, scoring_batches, _try_compile, peak_memory_mb, total_steps
+    from fclora.core import Config
+    from fclora.training import Callback, train, predict, autocast_dtype, steps_per_epoch
     from fclora.data import IMAGENET_MEAN as mean, IMAGENET_STD as std
     train_set, val_set, test_set = data
     gc.collect()
@@ -95,17 +96,18 @@ def run_method(method, data, args, device, flop_fwd):
     sync(device); t = time.perf_counter()
     ranks, _ = plan_ranks(model, train_set, cfg, mean, std)
     sync(device); scoring_s = time.perf_counter() - t if method == "fclora" else 0.0
-    model = adapt_model(model, ranks, cfg, len(train_set) // cfg.batch_size)
+    model = adapt_model(model, ranks, cfg, total_steps(len(train_set), cfg))
     if cfg.compile: model = _try_compile(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    steps = len(train_set) // cfg.batch_size
+    steps = steps_per_epoch(len(train_set), cfg)
     warm = min(args.warm_steps, max(steps - 2, 0))
     marks = {}
-    def on_step(step):
-        if step in (warm, steps): sync(device); marks[step] = time.perf_counter()
+    class Marks(Callback):
+        def after_step(self, s):
+            if s.step in (warm, steps): sync(device); marks[s.step] = time.perf_counter()
     sync(device); t = time.perf_counter()
-    train(model, train_set, val_set, cfg, mean, std, ckpt_path=None, on_step=on_step)
+    train(model, train_set, val_set, cfg, mean, std, ckpt_path=None, callbacks=[Marks()])
     sync(device); epoch_s = time.perf_counter() - t
     marks.setdefault(0, t)
     steady_img_s = (steps - warm) * cfg.batch_size / (marks[steps] - marks[warm])
@@ -115,9 +117,9 @@ def run_method(method, data, args, device, flop_fwd):
     peak = peak_memory_mb(device)  # fclora's: CUDA max_memory_allocated, else the process's ru_maxrss
 
     if check:
-        st = FcloraStepper(model, train_set, cfg, mean, std, autocast_dtype(cfg, device))
-        st.step()
-        syncs["train_step"] = sync_points(st.step, 5)
+        _, step = fclora_steps(model, train_set, dataclasses.replace(cfg, epochs=10**4), mean, std)
+        step()
+        syncs["train_step"] = sync_points(step, 5)
         syncs["predict_batch"] = sync_points(lambda: predict(model, test_set[:cfg.eval_batch_size], cfg, mean, std), 2)
 
     step_factor = 2 if method != "full" else 3

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _common import (log, emit, median, set_threads, add_common_args, model_choices, resolve_models, build_model,
-                     train_images, fclora_config, fclora_model, FcloraStepper, sync)
+                     train_images, fclora_config, fclora_model, fclora_steps, sync)
 
 
 def reset_peak(device) -> bool:
@@ -43,7 +43,6 @@ def peak_mb(device):
 
 def worker(args):
     "Run one configuration and print its JSON (the parent reads it)."
-    from fclora.training import autocast_dtype
     from fclora.experiment import adapt_model
     set_threads(args.threads)
     spec, size = args.spec, args.size
@@ -58,7 +57,7 @@ def worker(args):
     if args.worker == "lora": model, _ = fclora_model(model, data, cfg, mean, std)
     else: model = adapt_model(model, None, cfg, 1000)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stepper = FcloraStepper(model, data, cfg, mean, std, autocast_dtype(cfg, torch.device(args.device)))
+    _, step = fclora_steps(model, data, cfg, mean, std)
     model.train()
     import gc; gc.collect()
     reset = reset_peak(args.device)
@@ -66,7 +65,7 @@ def worker(args):
     times = []
     for i in range(args.warmup + args.steps):
         sync(args.device); t = time.perf_counter()
-        stepper.step()
+        step()
         sync(args.device); times.append(time.perf_counter() - t)
     print(json.dumps(dict(step_s=median(times[args.warmup:]), peak_mb=peak_mb(args.device), base_mb=base,
                           peak_reset=reset, trainable=trainable, threads=torch.get_num_threads())), flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from _common import (log, emit, median, set_threads, add_common_args, build_model, train_images, fclora_config,
-                     FcloraStepper, timed, TINY_REF, VIT_S, sync)
+                     fclora_steps, timed, TINY_REF, VIT_S, sync)
 
 
 def measure(kind, spec, size, label, n_batches, args, data, source, **overrides):
@@ -38,13 +38,13 @@ def measure(kind, spec, size, label, n_batches, args, data, source, **overrides)
         return collect_importance(scored, scoring_batches(data, cfg, mean, std), names, progress=False, autocast_dtype=dtype)
     stats = score()  # warm-up, and the ranks for the trained model
     ranks = allocate_ranks(importance_table(stats)["score"], cfg.rank_budget, cfg.r_min, cfg.r_max)
-    stepper = FcloraStepper(adapt_model(trained, ranks, cfg, 1000), data, cfg, mean, std, dtype)
-    stepper.model.train()
-    timed(stepper.step, min(3, n_batches), args.device)  # warm-up
+    fit, step = fclora_steps(adapt_model(trained, ranks, cfg, 1000), data, cfg, mean, std)
+    fit.model.train()
+    timed(step, min(3, n_batches), args.device)  # warm-up
     s_times, t_times = [], []
     for w in range(args.windows):
         sync(args.device); t = time.perf_counter(); score(); sync(args.device); s_times.append(time.perf_counter() - t)
-        t_times.append(timed(stepper.step, n_batches, args.device))
+        t_times.append(timed(step, n_batches, args.device))
         log(f"[{kind} {label} N={n_batches}] window {w + 1}/{args.windows}: scoring {s_times[-1]:.2f}s, "
             f"training {t_times[-1]:.2f}s")
     s, t = median(s_times), median(t_times)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from torch import nn
 from _common import (log, emit, median, set_threads, add_common_args, model_choices, resolve_models, build_model,
-                     train_images, fclora_config, fclora_model, FcloraStepper, timed)
+                     train_images, fclora_config, fclora_model, fclora_steps, fclora_batch, timed)
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -87,7 +87,6 @@ class StockStepper:
 
 def measure(spec, size, label, precision, args, data, source):
     from fclora.lora import find_qkv_modules
-    from fclora.training import autocast_dtype
     log(f"[{label} {precision}] building models at {size} px ...")
     base, mean, std = build_model(spec, data.num_classes, size, args.seed)
     n_mod = len(find_qkv_modules(base))
@@ -97,14 +96,13 @@ def measure(spec, size, label, precision, args, data, source):
     model_a, ranks = fclora_model(base, data, cfg, mean, std)
     log(f"[{label}] fclora ranks {ranks.min()}..{ranks.max()} (budget {budget} over {n_mod} modules), "
         f"scored {args.score_batches} batches in {time.perf_counter() - t:.1f}s")
-    dtype = autocast_dtype(cfg, torch.device("cpu"))
-    a = FcloraStepper(model_a, data, cfg, mean, std, dtype)
-    a.model.train()
-    x_fixed, y_fixed = a.batch()  # (c)'s fixed preprocessed batch, produced once by fclora's own pipeline
+    fit, a_step = fclora_steps(model_a, data, cfg, mean, std)
+    fit.model.train()
+    x_fixed, y_fixed = fclora_batch(fit)  # (c)'s fixed preprocessed batch, produced once by fclora's own pipeline
     stock_base, _, _ = build_model(spec, data.num_classes, size, args.seed)
     b = StockStepper(stock_base, data, size, args.batch_size, args.rank, mean, std, args.workers, args.seed)
 
-    paths = {"fclora": a.step, "stock": b.step, "model_only": lambda: a.step(x_fixed, y_fixed)}
+    paths = {"fclora": a_step, "stock": b.step, "model_only": lambda: a_step(x_fixed, y_fixed)}
     steps = args.steps_large if size > 32 else args.steps
     for name, fn in paths.items():  # warm-up (and start the stock workers)
         timed(fn, args.warmup)

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'FcloraError', 'ImageSet', 'image_set', 'load_npz_folder',
-           'load_image_folder', 'load_cifar', 'load_digits_data', 'load_data', 'train_val_split', 'balanced_subset',
-           'batch_indices', 'preprocess', 'random_crop_flip', 'cutmix']
+__all__ = ['DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ImageSet', 'image_set', 'load_npz_folder', 'load_image_folder',
+           'load_cifar', 'load_digits_data', 'load_data', 'train_val_split', 'balanced_subset', 'batch_indices',
+           'preprocess', 'random_crop_flip', 'cutmix']
 
 # %% ../nbs/00_data.ipynb #cac1720d
-class FcloraError(ValueError):
-    "A problem with the user's input or environment, reported as one clear line."
+from .core import FcloraError  # defined in 00_core; imported here too, as older code expects
 
 # %% ../nbs/00_data.ipynb #cf431bdd
 @dataclass
