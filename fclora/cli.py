@@ -18,7 +18,7 @@ from .report import load_results, summary_table, aggregate, paired_difference
 
 # %% auto #0
 __all__ = ['NOTEBOOKS', 'add_config_options', 'config_overrides', 'plan', 'ExperimentFailed', 'notebook_path', 'run_notebook',
-           'sweep', 'compare', 'main']
+           'run_command', 'sweep', 'compare', 'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
 def _parse_value(kind, text:str):
@@ -106,6 +106,14 @@ def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:boo
             raise FcloraError(e.evalue) from None
         raise ExperimentFailed(f"the experiment failed with {e.ename}: {e.evalue} (the executed notebook {executed} has the traceback)") from None
     return out
+
+def run_command(experiment:str, params:dict, preset:str="paper", log_output:bool=False):
+    "`fclora run`: the notebook, then its summary; on node_rank > 0 of a multi-node run, only this machine's processes (node 0 writes)."
+    cfg = make_config(preset, experiment, **params)
+    if cfg.node_rank == 0: return compare([run_notebook(experiment, params, preset, log_output)])
+    from .experiment import run_experiment
+    run_experiment(cfg)
+    print(f"node {cfg.node_rank} of {cfg.nnodes}: done; node 0 ({cfg.master_addr}) writes the results")
 
 def sweep(experiment:str, methods, seeds, out_dir:str, params:dict, preset:str="paper") -> list[Path]:
     "Run every method x seed into `out_dir/<method>-seed<seed>`, skipping finished runs."
@@ -195,8 +203,7 @@ def main(argv=None):
     try:
         if args.command == "plan": plan(args)
         elif args.command == "run":
-            out = run_notebook(args.experiment, config_overrides(args), args.preset, args.log_output)
-            compare([out])
+            run_command(args.experiment, config_overrides(args), args.preset, args.log_output)
         elif args.command == "sweep":
             methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
             params = config_overrides(args)

@@ -12,19 +12,22 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from peft import AdaLoraConfig, get_peft_model
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import FcloraError, ImageSet, load_data, train_val_split, balanced_subset, batch_indices, preprocess
+from .core import FcloraError, Config, METHODS
+from .data import ImageSet, load_data, train_val_split, balanced_subset, batch_indices, preprocess
 from .lora import load_model, image_stats, find_qkv_modules, find_head_modules, param_table, RANDOM_MODELS
 from .importance import score_modules, check_metric_weights
 from .allocation import allocate_ranks, uniform_ranks, check_budget, lora_config
-from .training import Config, METHODS, train, predict, resolve_device, autocast_dtype, atomic_write_json, world
+from .training import train, predict, resolve_device, autocast_dtype, atomic_write_json, world, steps_per_epoch, from_rank0
 from .calibration import fit_temperature, evaluate_logits, calibration_bins
 
 # %% auto #0
-__all__ = ['PRESETS', 'RUN_FILES', 'make_config', 'config_from', 'validate_config', 'prepare_data', 'scoring_batches',
-           'plan_ranks', 'adapt_model', 'adalora_ranks', 'check_out_dir', 'prepare_out_dir', 'peak_memory_mb',
-           'run_experiment']
+__all__ = ['PRESETS', 'FIELD_RULES', 'RUN_FILES', 'make_config', 'config_from', 'validate_config', 'prepare_data',
+           'scoring_batches', 'plan_ranks', 'adapt_model', 'adalora_ranks', 'check_out_dir', 'prepare_out_dir',
+           'run_device', 'data_and_model', 'total_steps', 'plan_or_resume', 'for_training', 'evaluate_and_calibrate',
+           'peak_memory_mb', 'param_counts', 'write_results', 'run_experiment', 'torchrun_command']
 
 # %% ../nbs/06_experiment.ipynb #3d805603
 PRESETS = {
@@ -51,36 +54,43 @@ def config_from(preset:str, variant:str, namespace:dict) -> Config:
     return make_config(preset, variant, **{f.name: namespace[f.name] for f in dataclasses.fields(Config) if f.name in namespace})
 
 # %% ../nbs/06_experiment.ipynb #895da60e
-def _positive_int(name, v, allow_none=False):
-    if v is None and allow_none: return
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise FcloraError(f"{name} must be a positive integer, got {v!r}")
+def _int(v): return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+def _num(v): return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+def _optional(ok): return lambda v: v is None or ok(v)
+
+FIELD_RULES = {  # field: (is the value valid?, what a valid value is)
+    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    **{f: (lambda v: _int(v) and v >= 1, "a positive integer")
+       for f in ("epochs", "batch_size", "eval_batch_size", "image_size", "score_batches", "rank_budget", "nproc", "nnodes")},
+    **{f: (_optional(lambda v: _int(v) and v >= 1), "a positive integer or None") for f in ("train_subset", "test_subset")},
+    **{f: (lambda v: _int(v) and v >= 0, "a non-negative integer") for f in ("seed", "ckpt_every_steps", "node_rank")},
+    "val_fraction": (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)"),
+    **{f: (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]") for f in ("cutmix_prob", "label_smoothing")},
+    "lr": (_optional(lambda v: _num(v) and v > 0), "a positive number or None"),
+    "warmup_frac": (_optional(lambda v: _num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
+    **{f: (lambda v: _num(v) and v >= 0, "a non-negative number") for f in ("weight_decay", "cutmix_alpha", "lora_scaling")},
+    "precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "master_addr": (_optional(lambda v: isinstance(v, str) and v != ""), "a host name or address, or None"),
+    "master_port": (_optional(lambda v: _int(v) and 0 < v < 65536), "a port number (1-65535) or None"),
+    **{f: (lambda v: isinstance(v, bool), "True or False") for f in ("augment", "compile", "resume", "overwrite", "progress")},
+}
 
 def validate_config(cfg:Config):
     "Raise `FcloraError` for any value that cannot work."
-    if cfg.method not in METHODS: raise FcloraError(f"unknown method '{cfg.method}': use one of {', '.join(METHODS)}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "image_size", "score_batches", "rank_budget", "nproc"):
-        _positive_int(name, getattr(cfg, name))
-    for name in ("train_subset", "test_subset"): _positive_int(name, getattr(cfg, name), allow_none=True)
+    for name, (ok, what) in FIELD_RULES.items():
+        v = getattr(cfg, name)
+        if not ok(v): raise FcloraError(f"{name} must be {what}, got {v!r}")
     check_budget(1, cfg.r_min, cfg.r_min, cfg.r_max)   # checks the bounds themselves
     check_metric_weights(cfg.metric_weights)
-    for name, lo, hi in (("val_fraction", 0, 1), ("cutmix_prob", 0, 1), ("label_smoothing", 0, 1)):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, float)) or not (lo <= v <= hi) or (name == "val_fraction" and v in (0, 1)):
-            raise FcloraError(f"{name} must be a number in {'(' if name == 'val_fraction' else '['}{lo}, {hi}"
-                              f"{')' if name == 'val_fraction' else ']'}, got {v!r}")
-    for name in ("lr", "warmup_frac", "weight_decay", "cutmix_alpha", "lora_scaling"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
-            raise FcloraError(f"{name} must be a non-negative number, got {v!r}")
-    if cfg.get_lr() <= 0: raise FcloraError(f"lr must be positive, got {cfg.lr!r}")
-    if cfg.get_warmup() >= 1: raise FcloraError(f"warmup_frac must be below 1, got {cfg.warmup_frac!r}")
-    if cfg.precision not in ("auto", "fp32", "bf16"): raise FcloraError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"): raise FcloraError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.method == "fclora" and cfg.score_batches < cfg.nproc:
-        raise FcloraError(f"score_batches={cfg.score_batches} gives some of the nproc={cfg.nproc} processes no batch to score")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)) or cfg.seed < 0:
-        raise FcloraError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    n = cfg.world_size()
+    if cfg.batch_size % n:
+        raise FcloraError(f"batch_size={cfg.batch_size} is the global batch and must split evenly over the {n} processes "
+                          f"(nproc x nnodes); use a multiple of {n}")
+    if cfg.method == "fclora" and cfg.score_batches < n:
+        raise FcloraError(f"score_batches={cfg.score_batches} gives some of the {n} processes no batch to score")
+    if cfg.node_rank >= cfg.nnodes: raise FcloraError(f"node_rank={cfg.node_rank} must be below nnodes={cfg.nnodes}")
+    if cfg.nnodes > 1 and not cfg.master_addr: raise FcloraError(f"nnodes={cfg.nnodes} needs master_addr (node 0's address)")
 
 # %% ../nbs/06_experiment.ipynb #5adf4e0e
 def prepare_data(cfg:Config) -> tuple[ImageSet, ImageSet, ImageSet]:
@@ -121,6 +131,7 @@ def plan_ranks(model, train:ImageSet, cfg:Config, mean, std) -> tuple[pd.Series|
     return None, None
 
 def _adalora_config(names, heads, cfg:Config, total_steps:int) -> AdaLoraConfig:
+    "peft's AdaLoRA: start at 1.5x the average rank, prune from 10% to 80% of the run's `total_steps`."
     avg = cfg.rank_budget / len(names)
     init_r = min(cfg.r_max, max(2, math.ceil(1.5 * avg)))
     return AdaLoraConfig(init_r=init_r, target_r=max(1, round(avg)), lora_alpha=cfg.lora_scaling * init_r,
@@ -134,7 +145,8 @@ def adapt_model(model, ranks, cfg:Config, total_steps:int):
     if cfg.method == "adalora":
         names = find_qkv_modules(model)
         model = get_peft_model(model, _adalora_config(names, heads, cfg, total_steps))
-        model.base_model.rankallocator.target_bgt = cfg.rank_budget  # exactly the budget, not round(avg) * n
+        # peft internals: AdaLoraConfig takes an average target rank and budgets round(avg) x n; we want the budget itself
+        model.base_model.rankallocator.target_bgt = cfg.rank_budget
         return model
     model.requires_grad_(cfg.method == "full")
     for h in heads: model.get_submodule(h).requires_grad_(True)
@@ -142,6 +154,7 @@ def adapt_model(model, ranks, cfg:Config, total_steps:int):
 
 def adalora_ranks(model) -> dict:
     "Ranks AdaLoRA kept: non-zero singular values per module."
+    # peft internals: the singular values `lora_E` that AdaLoRA masks to zero
     return {n.removeprefix("base_model.model."): int((m.lora_E["default"] != 0).sum())
             for n, m in model.named_modules() if hasattr(m, "lora_E") and "default" in getattr(m, "lora_E", {})}
 
@@ -166,20 +179,108 @@ def prepare_out_dir(cfg:Config) -> Path:
     (out/"error.json").unlink(missing_ok=True)
     return out
 
-# %% ../nbs/06_experiment.ipynb #2ed6af0b
+# %% ../nbs/06_experiment.ipynb #5e458590
+def run_device(cfg:Config) -> torch.device:
+    "The device of this process: `cfg.device`, or this process's own GPU under torchrun."
+    device = resolve_device(cfg)
+    if device.type == "cuda" and world()[1] > 1: device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+def data_and_model(cfg:Config, device) -> tuple[tuple[ImageSet, ImageSet, ImageSet], nn.Module, tuple, tuple]:
+    "((train, val, test), model, mean, std), all on `device`; the model has a new head for the dataset's classes."
+    train, val, test = prepare_data(cfg)
+    model = load_model(cfg.model_name, train.num_classes, cfg.image_size if cfg.model_name in RANDOM_MODELS else None, cfg.seed)
+    patch = getattr(model.config, "patch_size", 1)
+    if cfg.image_size % patch: raise FcloraError(f"image_size={cfg.image_size} is not divisible by the model's patch size {patch}")
+    mean, std = image_stats(cfg.model_name)
+    return (train.to(device), val.to(device), test.to(device)), model.to(device), mean, std
+
+def total_steps(n_train:int, cfg:Config) -> int:
+    "Optimiser steps of the whole run, for any number of processes."
+    return cfg.epochs * steps_per_epoch(n_train, cfg)
+
+# %% ../nbs/06_experiment.ipynb #5f2fa452
+def _importance_json(table):
+    return {} if table is None else {n: {k: float(r[k]) for k in ("fisher", "grad", "cov", "score")} for n, r in table.iterrows()}
+
+def _plan_json(ranks, table, scoring_s:float) -> dict:
+    return dict(ranks={} if ranks is None else {k: int(v) for k, v in ranks.items()}, importance=_importance_json(table),
+                scoring_s=scoring_s)
+
+def plan_or_resume(model, train:ImageSet, cfg:Config, mean, std, out:Path) -> tuple[pd.Series|None, pd.DataFrame|None, float]:
+    "(ranks, importance table, scoring seconds): read from `out/plan.json` when resuming, else planned and written there."
+    plan_file = out/"plan.json"
+    if from_rank0(cfg.resume and plan_file.exists()): plan = json.loads(plan_file.read_text()) if world()[0] == 0 else None
+    else:
+        t0 = time.perf_counter()
+        ranks, table = plan_ranks(model, train, cfg, mean, std)
+        plan = _plan_json(ranks, table, time.perf_counter() - t0)
+        if world()[0] == 0: atomic_write_json(plan, plan_file)
+    plan = from_rank0(plan)
+    ranks = pd.Series(plan["ranks"], dtype="int64") if plan["ranks"] else None
+    table = pd.DataFrame(plan["importance"]).T if plan["importance"] else None
+    return ranks, table, plan["scoring_s"]
+
+# %% ../nbs/06_experiment.ipynb #2865591e
+def for_training(model:nn.Module, cfg:Config, device) -> nn.Module:
+    "What trains: `model`, compiled if `cfg.compile`, inside DDP under torchrun."
+    if cfg.compile: model = _try_compile(model)
+    if world()[1] > 1: model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+def _try_compile(model):
+    "torch.compile; wherever compilation fails, dynamo runs that code eagerly and warns (suppress_errors)."
+    import warnings, torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    try: return torch.compile(model)
+    except Exception as e: warnings.warn(f"torch.compile failed ({e}); training uncompiled"); return model
+
+# %% ../nbs/06_experiment.ipynb #b65c1518
+def evaluate_and_calibrate(model:nn.Module, val:ImageSet, test:ImageSet, cfg:Config, mean, std) -> dict:
+    "Test metrics before and after temperature scaling (fitted on `val`), the temperature, and the test logits."
+    val_logits, test_logits = predict(model, val, cfg, mean, std), predict(model, test, cfg, mean, std)
+    temperature = fit_temperature(val_logits, val.y.cpu())
+    y, k = test.y.cpu(), test.num_classes
+    return dict(before=evaluate_logits(test_logits, y, k), after=evaluate_logits(test_logits, y, k, temperature),
+                temperature=temperature, test_logits=test_logits)
+
+# %% ../nbs/06_experiment.ipynb #f962b615
 def peak_memory_mb(device) -> float:
     "Peak GPU memory allocated by torch (CUDA), else the process's peak resident memory."
     if device.type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-def _importance_json(table):
-    return {} if table is None else {n: {k: float(r[k]) for k in ("fisher", "grad", "cov", "score")} for n, r in table.iterrows()}
+def param_counts(model:nn.Module, cfg:Config, base_counts:dict, planned:dict|None=None) -> dict:
+    "Adapter, head, trainable and total parameters of the adapted model (checked against the plan's count)."
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = trainable - base_counts["head"] if cfg.method not in ("full", "linear") else 0
+    if planned is not None: assert adapter == planned["adapter"], (adapter, planned)
+    return dict(adapter=adapter, head=base_counts["head"], trainable=trainable, total=base_counts["base_plus_head"] + adapter)
 
+def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, params:dict, sizes:dict, wall:dict, device) -> dict:
+    "Save the adapter and `results.json`; remove the checkpoint; return the results."
+    if hasattr(model, "save_pretrained") and cfg.method not in ("full", "linear"): model.save_pretrained(out/"adapter")
+    before, after, z, y = ev["before"], ev["after"], ev["test_logits"], sizes.pop("test_y")
+    bins = lambda logits: {k: v.tolist() for k, v in calibration_bins(logits, y).items()}
+    results = dict(
+        method=cfg.method, dataset=cfg.dataset, model_name=cfg.model_name, seed=cfg.seed, config=cfg.to_dict(),
+        test_accuracy=before["accuracy"], test_loss=before["loss"], ece=before["ece"], ece_scaled=after["ece"],
+        mce=before["mce"], mce_scaled=after["mce"], test_loss_scaled=after["loss"], temperature=ev["temperature"],
+        class_acc_mean=before["class_acc_mean"], class_acc_std=before["class_acc_std"], params=params, wall_clock_s=wall,
+        peak_memory_mb=peak_memory_mb(device), device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        ranks={} if ranks is None else {n: int(r) for n, r in ranks.items()}, rank_budget=cfg.rank_budget,
+        importance=_importance_json(table), history=history,
+        reliability=dict(before=bins(z), after=bins(z / ev["temperature"])), **sizes)
+    atomic_write_json(results, out/"results.json")
+    (out/"last.pt").unlink(missing_ok=True)  # the finished run needs no checkpoint
+    return results
+
+# %% ../nbs/06_experiment.ipynb #1c0c4b9e
 def run_experiment(cfg:Config) -> dict:
-    "Run one method end to end (in `cfg.nproc` processes if > 1); write and return results.json's content."
+    "Run one method end to end (under torchrun if `cfg` asks for several processes); write and return results.json's content."
     validate_config(cfg)
     out = prepare_out_dir(cfg)
-    if cfg.nproc > 1: return _launch(cfg, out)
+    if cfg.world_size() > 1: return _launch(cfg, out)
     try: return _run(cfg, out)
     except FcloraError as e:
         if not (out/"last.pt").exists():  # failed before training: leave nothing but the error record
@@ -190,84 +291,44 @@ def _run(cfg:Config, out:Path) -> dict:
     t_start = time.perf_counter()
     rank, size = world()
     if rank == 0: atomic_write_json(cfg.to_dict(), out/"config.json")
-    device = resolve_device(cfg)
-    if device.type == "cuda" and size > 1: device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = run_device(cfg)
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
-    train_cpu, val_cpu, test_cpu = prepare_data(cfg)
-    model = load_model(cfg.model_name, train_cpu.num_classes, cfg.image_size if cfg.model_name in RANDOM_MODELS else None, cfg.seed)
-    patch = getattr(model.config, "patch_size", 1)
-    if cfg.image_size % patch: raise FcloraError(f"image_size={cfg.image_size} is not divisible by the model's patch size {patch}")
-    mean, std = image_stats(cfg.model_name)
-    model.to(device)
-    train_set, val_set, test_set = train_cpu.to(device), val_cpu.to(device), test_cpu.to(device)
-    base_counts = param_table(model)
-    total_steps = cfg.epochs * (len(train_set) // cfg.batch_size)
-
-    t0 = time.perf_counter()
-    plan_file = out/"plan.json"
-    if cfg.resume and plan_file.exists():
-        plan = json.loads(plan_file.read_text())
-        ranks = pd.Series(plan["ranks"]) if plan["ranks"] else None
-        table = pd.DataFrame(plan["importance"]).T if plan["importance"] else None
-    else:
-        ranks, table = plan_ranks(model, train_set, cfg, mean, std)
-        if rank == 0:
-            atomic_write_json(dict(ranks={} if ranks is None else {k: int(v) for k, v in ranks.items()},
-                                   importance=_importance_json(table), scoring_s=time.perf_counter() - t0), plan_file)
-        if size > 1: dist.barrier()
-    t_scoring = json.loads(plan_file.read_text())["scoring_s"]
-
-    counts = param_table(model, None if ranks is None else ranks.to_dict())
-    model = adapt_model(model, ranks, cfg, total_steps)
-    core = model  # evaluated and saved below; the compiled/DDP wrappers only train
-    if cfg.compile: model = _try_compile(model)
-    if size > 1: model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    (train_set, val_set, test_set), model, mean, std = data_and_model(cfg, device)                  # data and model
+    base_counts, steps = param_table(model), total_steps(len(train_set), cfg)
+    ranks, table, t_scoring = plan_or_resume(model, train_set, cfg, mean, std, out)                # plan or resume
+    planned = param_table(model, ranks.to_dict()) if ranks is not None else None
+    model = adapt_model(model, ranks, cfg, steps)                                                  # adapt
     t1 = time.perf_counter()
-    history = train(model, train_set, val_set, cfg, mean, std, ckpt_path=out/"last.pt")
+    history = train(for_training(model, cfg, device), train_set, val_set, cfg, mean, std, ckpt_path=out/"last.pt")  # train
     t_train = time.perf_counter() - t1
-    model = core
     if rank > 0: dist.barrier(); return {}  # rank 0 evaluates and writes
-
     t2 = time.perf_counter()
-    val_logits, test_logits = predict(model, val_set, cfg, mean, std), predict(model, test_set, cfg, mean, std)
-    temperature = fit_temperature(val_logits, val_cpu.y)
-    k = train_cpu.num_classes
-    before, after = evaluate_logits(test_logits, test_cpu.y, k), evaluate_logits(test_logits, test_cpu.y, k, temperature)
+    ev = evaluate_and_calibrate(model, val_set, test_set, cfg, mean, std)                          # evaluate and calibrate
     t_eval = time.perf_counter() - t2
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if cfg.method == "adalora": ranks = pd.Series(adalora_ranks(model))
-    adapter = trainable - base_counts["head"] if cfg.method not in ("full", "linear") else 0
-    params = dict(adapter=adapter, head=base_counts["head"], trainable=trainable, total=base_counts["base_plus_head"] + adapter)
-    if ranks is not None and cfg.method != "adalora": assert adapter == counts["adapter"], (adapter, counts)
-    if hasattr(model, "save_pretrained") and cfg.method not in ("full", "linear"): model.save_pretrained(out/"adapter")
-    bins = lambda z: {k: v.tolist() for k, v in calibration_bins(z, test_cpu.y).items()}
-    results = dict(
-        method=cfg.method, dataset=cfg.dataset, model_name=cfg.model_name, seed=cfg.seed, config=cfg.to_dict(),
-        test_accuracy=before["accuracy"], test_loss=before["loss"], ece=before["ece"], ece_scaled=after["ece"],
-        mce=before["mce"], mce_scaled=after["mce"], test_loss_scaled=after["loss"], temperature=temperature,
-        class_acc_mean=before["class_acc_mean"], class_acc_std=before["class_acc_std"], params=params,
-        wall_clock_s=dict(scoring=t_scoring, training=t_train, eval=t_eval, total=time.perf_counter() - t_start),
-        peak_memory_mb=peak_memory_mb(device), device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        ranks={} if ranks is None else {n: int(r) for n, r in ranks.items()}, rank_budget=cfg.rank_budget,
-        importance=_importance_json(table), history=history,
-        reliability=dict(before=bins(test_logits), after=bins(test_logits / temperature)),
-        n_train=len(train_set), n_val=len(val_set), n_test=len(test_set), nproc=size)
-    atomic_write_json(results, out/"results.json")
-    (out/"last.pt").unlink(missing_ok=True)  # the finished run needs no checkpoint
+    if cfg.method == "adalora": ranks, planned = pd.Series(adalora_ranks(model)), None
+    results = write_results(out, cfg, model, ranks, table, history, ev, param_counts(model, cfg, base_counts, planned),   # write
+                            dict(n_train=len(train_set), n_val=len(val_set), n_test=len(test_set), nproc=size, test_y=test_set.y.cpu()),
+                            dict(scoring=t_scoring, training=t_train, eval=t_eval, total=time.perf_counter() - t_start), device)
     if size > 1: dist.barrier()
     return results
 
+# %% ../nbs/06_experiment.ipynb #deff7b18
+def torchrun_command(cfg:Config, config_path:Path) -> list[str]:
+    "The torchrun command that runs the experiment in `config_path` on this machine."
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc}"]
+    if cfg.nnodes == 1: cmd.append("--standalone")
+    else: cmd += [f"--nnodes={cfg.nnodes}", f"--node-rank={cfg.node_rank}", f"--master-addr={cfg.master_addr}",
+                  f"--master-port={cfg.master_port or 29500}"]
+    return cmd + ["-m", "fclora.experiment", str(config_path)]
+
 def _launch(cfg:Config, out:Path) -> dict:
-    "Run the experiment in `cfg.nproc` processes under torchrun; return rank 0's results."
+    "Run the experiment under torchrun; return the results (on node 0; other nodes return {})."
     atomic_write_json(cfg.to_dict(), out/"config.json")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-           "-m", "fclora.experiment", str(out/"config.json")]
-    p = subprocess.run(cmd, env=env)
+    p = subprocess.run(torchrun_command(cfg, out/"config.json"), env=env)
     if (out/"error.json").exists(): raise FcloraError(json.loads((out/"error.json").read_text())["error"])
     if p.returncode != 0: raise RuntimeError(f"torchrun exited with status {p.returncode}")
-    return json.loads((out/"results.json").read_text())
+    return json.loads((out/"results.json").read_text()) if cfg.node_rank == 0 else {}
 
 def _worker(config_path:str):
     "One torchrun process: join the group (gloo on CPU, NCCL on GPU) and run the experiment."
@@ -279,16 +340,9 @@ def _worker(config_path:str):
     try: _run(cfg, out)
     except FcloraError as e:
         code = 2
-        if dist.get_rank() == 0: atomic_write_json(dict(error=str(e), type=type(e).__name__), out/"error.json")
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0: atomic_write_json(dict(error=str(e), type=type(e).__name__), out/"error.json")
     finally: dist.destroy_process_group()
     sys.exit(code)
-
-def _try_compile(model):
-    "torch.compile; wherever compilation fails, dynamo runs that code eagerly and warns (suppress_errors)."
-    import warnings, torch._dynamo
-    torch._dynamo.config.suppress_errors = True
-    try: return torch.compile(model)
-    except Exception as e: warnings.warn(f"torch.compile failed ({e}); training uncompiled"); return model
 
 # %% ../nbs/06_experiment.ipynb #0cbfd315
 if __name__ == "__main__" and Path(sys.argv[0]).name == "experiment.py": _worker(sys.argv[1])

@@ -42,7 +42,7 @@ def bad_inputs(tmp, no_qkv):
         (["--r-min", "5", "--r-max", "2"], "r_min <= r_max"),
         (["--metric-weights", "0.5,0.5,0.5"], "summing to 1"),
         (["--metric-weights", "1.2,-0.1,-0.1"], "non-negative"),
-        (["--method", "qlora"], "unknown method"),
+        (["--method", "qlora"], "method must be one of"),
         (["--model-name", str(no_qkv)], "no query/key/value"),
         (["--dataset", str(tmp/"missing")], "unknown dataset"),
         (["--dataset", str(_npz(tmp/"bad-shape", x[..., 0], y))], "shape (N, H, W, 3)"),

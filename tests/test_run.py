@@ -81,13 +81,6 @@ def test_finished_run_is_refused(runs):
     assert "already holds a finished run" in one_line_error(p)
 
 
-def test_bad_input_writes_only_an_error_record(tmp_path):
-    p = fclora("run", "cifar10", "--preset", "quick", "--dataset", tmp_path/"missing", "--out-dir", tmp_path/"run")
-    assert "unknown dataset" in one_line_error(p)
-    assert sorted(f.name for f in (tmp_path/"run").iterdir()) == ["error.json"]
-    assert "unknown method" in one_line_error(fclora("run", "cifar10", "--preset", "quick", "--method", "qlora", "--out-dir", tmp_path/"r2"))
-
-
 def test_unreachable_download_says_what_to_do(tmp_path):
     "No network here: the CIFAR download fails with one line that says how to use local data (skip if it worked)."
     p = fclora("plan", "--model", "random-deit-tiny", "--dataset", "cifar10", "--data-root", tmp_path, "--score-batches", "1",
