@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_cli.ipynb #38253698
 from __future__ import annotations
-import argparse, dataclasses, json, os, signal, sys, time
+import argparse, dataclasses, json, os, re, signal, sys, time
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +18,8 @@ from .report import load_results, summary_table, aggregate, paired_difference
 
 # %% auto #0
 __all__ = ['NOTEBOOKS', 'add_config_options', 'config_overrides', 'plan', 'ExperimentFailed', 'notebook_path', 'run_notebook',
-           'run_command', 'sweep', 'compare', 'main']
+           'run_command', 'load_arms', 'sweep_runs', 'sweep', 'compare',
+           'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
 def _parse_value(kind, text:str):
@@ -115,16 +116,44 @@ def run_command(experiment:str, params:dict, preset:str="paper", log_output:bool
     run_experiment(cfg)
     print(f"node {cfg.node_rank} of {cfg.nnodes}: done; node 0 ({cfg.master_addr}) writes the results")
 
-def sweep(experiment:str, methods, seeds, out_dir:str, params:dict, preset:str="paper") -> list[Path]:
-    "Run every method x seed into `out_dir/<method>-seed<seed>`, skipping finished runs."
+def load_arms(path) -> tuple[dict, dict]:
+    "A study's arms file (JSON): the settings of every run, and {arm name: its `Config` overrides, optionally `seeds`}."
+    try: spec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e: raise FcloraError(f"cannot read the arms file {path}: {e}") from None
+    settings, arms = spec.get("settings", {}), spec.get("arms")
+    if not isinstance(arms, dict) or not arms or not all(isinstance(a, dict) for a in arms.values()):
+        raise FcloraError(f"{path} needs \"arms\": {{name: {{Config field: value, ..., \"seeds\": [...]}}}}")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for name, keys, allowed in [("settings", settings, fields - {"seed", "arm", "out_dir"}),
+                                *((a, o, fields - {"seed", "arm", "out_dir"} | {"seeds"}) for a, o in arms.items())]:
+        if set(keys) - allowed: raise FcloraError(f"{path}: {name} has unknown or misplaced key(s): {', '.join(sorted(set(keys) - allowed))}")
+        if not re.fullmatch(r"[\w.-]+", name): raise FcloraError(f"{path}: arm name {name!r} must be letters, digits, _ . -")
+    return settings, arms
+
+def sweep_runs(arms:dict, seeds) -> list[tuple[str, int, dict]]:
+    "(arm, seed, overrides) of every run, seed by seed: each seed's arms finish together, so paired comparisons grow evenly."
+    runs_of = {a: [int(s) for s in o.get("seeds", seeds)] for a, o in arms.items()}
+    return [(a, s, {k: v for k, v in o.items() if k != "seeds"})
+            for s in sorted({s for ss in runs_of.values() for s in ss}) for a, o in arms.items() if s in runs_of[a]]
+
+def sweep(experiment:str,
+          arms, # method names (each its own arm), or {arm name: Config overrides, optionally "seeds"} (`load_arms`)
+          seeds, out_dir:str, params:dict, preset:str="paper",
+          dry_run:bool=False, # only list the runs and whether each is done
+         ) -> list[Path]:
+    "Run every arm x seed into `out_dir/<arm>-seed<seed>`, skipping finished runs and resuming unfinished ones."
+    arms = arms if isinstance(arms, dict) else {m: {"method": m} for m in arms}
     outs = []
-    for seed in seeds:
-        for method in methods:
-            out = Path(out_dir)/f"{method}-seed{seed}"
-            if (out/"results.json").exists(): print(f"{out}: done, skipped"); outs.append(out); continue
-            print(f"{out}: running")
-            resume = (out/"config.json").exists()
-            outs.append(run_notebook(experiment, dict(params, method=method, seed=seed, out_dir=str(out), resume=resume or None), preset))
+    for arm, seed, over in sweep_runs(arms, seeds):
+        out = Path(out_dir)/f"{arm}-seed{seed}"
+        run = dict(params, **over, seed=seed, out_dir=str(out))
+        if arm != run.get("method", Config.method): run["arm"] = arm   # an arm named after its method needs no name
+        done = (out/"results.json").exists()
+        if dry_run: print(f"{out}: {'done' if done else 'to run'} {json.dumps(over)}"); outs.append(out); continue
+        if done: print(f"{out}: done, skipped"); outs.append(out); continue
+        print(f"{out}: running")
+        resume = (out/"config.json").exists()
+        outs.append(run_notebook(experiment, dict(run, resume=resume or None), preset))
     return outs
 
 # %% ../nbs/08_cli.ipynb #fa86557e
@@ -175,9 +204,12 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument("--preset", default="paper", choices=list(PRESETS))
         r.add_argument("--log-output", action="store_true", help="stream the notebook's output (progress bars) here")
         if name == "sweep":
-            r.add_argument("--methods", default="fclora,lora", help="comma-separated")
-            r.add_argument("--seeds", default="0,1,2", help="comma-separated")
-        add_config_options(r, skip=("seed", "method") if name == "sweep" else ())
+            r.add_argument("--methods", default=None, help="comma-separated (default fclora,lora)")
+            r.add_argument("--arms", default=None, metavar="FILE", help="a JSON file of named arms (settings, and per arm its "
+                           "overrides and seeds): runs go to <arm>-seed<seed>; instead of --methods")
+            r.add_argument("--seeds", default="0,1,2", help="comma-separated (an arm's own seeds win)")
+            r.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run nothing")
+        add_config_options(r, skip=("seed", "method", "arm") if name == "sweep" else ())
     c = sub.add_parser("compare", help="put finished runs side by side")
     c.add_argument("paths", nargs="+"); c.add_argument("--csv", default=None, help="write the per-run table here")
     c.add_argument("--agg-csv", default=None, help="write the per-method mean/std/CI table here")
@@ -205,11 +237,12 @@ def main(argv=None):
         elif args.command == "run":
             run_command(args.experiment, config_overrides(args), args.preset, args.log_output)
         elif args.command == "sweep":
-            methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
-            params = config_overrides(args)
+            if args.arms and args.methods: raise FcloraError("use --arms or --methods, not both")
+            settings, arms = load_arms(args.arms) if args.arms else ({}, (args.methods or "fclora,lora").split(","))
+            params, seeds = {**settings, **config_overrides(args)}, [int(s) for s in args.seeds.split(",")]
             out_dir = params.pop("out_dir", None) or f"runs/sweep-{args.experiment}"
-            sweep(args.experiment, methods, seeds, out_dir, params, args.preset)
-            compare([out_dir])
+            sweep(args.experiment, arms, seeds, out_dir, params, args.preset, args.dry_run)
+            if not args.dry_run: compare([out_dir])
         elif args.command == "compare": compare(args.paths, args.csv, args.agg_csv)
     except BaseException as e:
         if _interrupted or isinstance(e, KeyboardInterrupt):

@@ -16,15 +16,15 @@ class FcloraError(ValueError):
     "A problem with the user's input or environment, reported as one clear line."
 
 # %% ../nbs/00_core.ipynb #628f83c6
-METHODS = ("fclora", "lora", "adalora", "full", "linear", "random")
-METHOD_LR = dict(fclora=3e-3, lora=3e-3, adalora=3e-3, random=3e-3, linear=1e-2, full=5e-5)
-METHOD_WARMUP = dict(fclora=0.05, lora=0.05, adalora=0.05, random=0.05, linear=0.05, full=0.1)
+METHODS = ("fclora", "lora", "adalora", "full", "linear", "random", "eva")
+METHOD_LR = dict(fclora=3e-3, lora=3e-3, adalora=3e-3, random=3e-3, eva=3e-3, linear=1e-2, full=5e-5)
+METHOD_WARMUP = dict(fclora=0.05, lora=0.05, adalora=0.05, random=0.05, eva=0.05, linear=0.05, full=0.1)
 
 # %% ../nbs/00_core.ipynb #03ad10c3
 @dataclass
 class Config:
     "Everything a run needs. Defaults: the note's CIFAR-10 setting."
-    method: str = "fclora"  # fclora (scored ranks), lora (uniform), adalora, full, linear (head only), random (random ranks)
+    method: str = "fclora"  # fclora (scored ranks), lora (uniform), adalora, full, linear (head only), random (random ranks), eva (peft EVA)
     model_name: str = "facebook/deit-base-distilled-patch16-224"  # hub id, local folder, or a random-init name
     dataset: str = "cifar10"  # cifar10, cifar100, digits, or a local folder
     data_root: str = "data"  # where CIFAR is downloaded
@@ -49,7 +49,8 @@ class Config:
     train_subset: int | None = None  # class-balanced subset of the training file (before the split)
     test_subset: int | None = None
     seed: int = 0
-    out_dir: str | None = None  # None: runs/<dataset>-<method>-seed<seed>
+    arm: str | None = None  # the name of this variant in a study (e.g. fclora-fisher): results and folders use it; None: the method
+    out_dir: str | None = None  # None: runs/<dataset>-<arm or method>-seed<seed>
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile the model (falls back with a warning)
@@ -65,6 +66,6 @@ class Config:
 
     def get_lr(self): return self.lr if self.lr is not None else METHOD_LR[self.method]
     def get_warmup(self): return self.warmup_frac if self.warmup_frac is not None else METHOD_WARMUP[self.method]
-    def get_out_dir(self): return self.out_dir or f"runs/{Path(self.dataset).name}-{self.method}-seed{self.seed}"
+    def get_out_dir(self): return self.out_dir or f"runs/{Path(self.dataset).name}-{self.arm or self.method}-seed{self.seed}"
     def world_size(self): return self.nproc * self.nnodes
     def to_dict(self): return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_experiment.ipynb #7cd2e525
 from __future__ import annotations
-import dataclasses, itertools, json, math, os, resource, shutil, subprocess, sys, time
+import dataclasses, itertools, json, math, os, re, resource, shutil, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from .data import ImageSet, load_data, train_val_split, balanced_subset, batch_i
 from .lora import load_model, image_stats, find_qkv_modules, find_head_modules, param_table, RANDOM_MODELS
 from .importance import score_modules, check_metric_weights
 from .allocation import allocate_ranks, uniform_ranks, check_budget, lora_config
-from .training import train, predict, resolve_device, autocast_dtype, atomic_write_json, world, steps_per_epoch, from_rank0
+from .eva import eva_ranks, eva_lora_config, init_eva
+from .training import train, predict, resolve_device, autocast_dtype, atomic_save, atomic_write_json, world, steps_per_epoch, from_rank0
 from .calibration import fit_temperature, evaluate_logits, calibration_bins
 
 # %% auto #0
@@ -60,6 +61,7 @@ def _optional(ok): return lambda v: v is None or ok(v)
 
 FIELD_RULES = {  # field: (is the value valid?, what a valid value is)
     "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "arm": (_optional(lambda v: isinstance(v, str) and re.fullmatch(r"[\w.-]+", v) is not None), "a name of letters, digits, _ . - or None"),
     **{f: (lambda v: _int(v) and v >= 1, "a positive integer")
        for f in ("epochs", "batch_size", "eval_batch_size", "image_size", "score_batches", "rank_budget", "nproc", "nnodes")},
     **{f: (_optional(lambda v: _int(v) and v >= 1), "a positive integer or None") for f in ("train_subset", "test_subset")},
@@ -125,6 +127,10 @@ def plan_ranks(model, train:ImageSet, cfg:Config, mean, std) -> tuple[pd.Series|
                               autocast_dtype(cfg, train.x.device))
         return allocate_ranks(table["score"], cfg.rank_budget, cfg.r_min, cfg.r_max), table
     if cfg.method == "lora": return uniform_ranks(names, cfg.rank_budget, cfg.r_min, cfg.r_max), None
+    if cfg.method == "eva":  # peft's EVA, starting from the uniform arm; the A initialisations travel in ranks.attrs["eva"]
+        start = uniform_ranks(names, cfg.rank_budget, cfg.r_min, cfg.r_max)
+        return eva_ranks(model, scoring_batches(train, cfg, mean, std), start, cfg.r_min, cfg.r_max,
+                         dtype=autocast_dtype(cfg, train.x.device)), None
     if cfg.method == "random":
         scores = torch.rand(len(names), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
         return allocate_ranks(pd.Series(scores, index=names), cfg.rank_budget, cfg.r_min, cfg.r_max), None
@@ -141,6 +147,9 @@ def _adalora_config(names, heads, cfg:Config, total_steps:int) -> AdaLoraConfig:
 def adapt_model(model, ranks, cfg:Config, total_steps:int):
     "Wrap `model` for `cfg.method` and set which parameters train."
     heads = find_head_modules(model)
+    if cfg.method == "eva":  # the final ranks, then each A from its EVA components (a layer without them: plain LoRA init)
+        model = get_peft_model(model, eva_lora_config(ranks, heads, cfg.lora_scaling, r_max=cfg.r_max))
+        return init_eva(model, {n: u for n, u in ranks.attrs.get("eva", {}).items() if len(u) == ranks[n]})
     if ranks is not None: return get_peft_model(model, lora_config(ranks, heads, cfg.lora_scaling))
     if cfg.method == "adalora":
         names = find_qkv_modules(model)
@@ -159,7 +168,7 @@ def adalora_ranks(model) -> dict:
             for n, m in model.named_modules() if hasattr(m, "lora_E") and "default" in getattr(m, "lora_E", {})}
 
 # %% ../nbs/06_experiment.ipynb #a70389ae
-RUN_FILES = ("config.json", "plan.json", "results.json", "error.json", "last.pt", "adapter")
+RUN_FILES = ("config.json", "plan.json", "eva_init.pt", "results.json", "error.json", "last.pt", "adapter")
 
 def check_out_dir(cfg:Config) -> Path:
     "`cfg.out_dir`, unless it holds a finished run (and no overwrite) or an unfinished one (and no resume)."
@@ -215,9 +224,12 @@ def plan_or_resume(model, train:ImageSet, cfg:Config, mean, std, out:Path) -> tu
         t0 = time.perf_counter()
         ranks, table = plan_ranks(model, train, cfg, mean, std)
         plan = _plan_json(ranks, table, time.perf_counter() - t0)
-        if world()[0] == 0: atomic_write_json(plan, plan_file)
+        if world()[0] == 0:
+            if ranks is not None and "eva" in ranks.attrs: atomic_save(ranks.attrs["eva"], out/"eva_init.pt")  # EVA's A, for a resume
+            atomic_write_json(plan, plan_file)
     plan = from_rank0(plan)
     ranks = pd.Series(plan["ranks"], dtype="int64") if plan["ranks"] else None
+    if cfg.method == "eva" and (out/"eva_init.pt").exists(): ranks.attrs["eva"] = torch.load(out/"eva_init.pt")
     table = pd.DataFrame(plan["importance"]).T if plan["importance"] else None
     return ranks, table, plan["scoring_s"]
 
@@ -263,7 +275,7 @@ def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, p
     before, after, z, y = ev["before"], ev["after"], ev["test_logits"], sizes.pop("test_y")
     bins = lambda logits: {k: v.tolist() for k, v in calibration_bins(logits, y).items()}
     results = dict(
-        method=cfg.method, dataset=cfg.dataset, model_name=cfg.model_name, seed=cfg.seed, config=cfg.to_dict(),
+        method=cfg.method, arm=cfg.arm or cfg.method, dataset=cfg.dataset, model_name=cfg.model_name, seed=cfg.seed, config=cfg.to_dict(),
         test_accuracy=before["accuracy"], test_loss=before["loss"], ece=before["ece"], ece_scaled=after["ece"],
         mce=before["mce"], mce_scaled=after["mce"], test_loss_scaled=after["loss"], temperature=ev["temperature"],
         class_acc_mean=before["class_acc_mean"], class_acc_std=before["class_acc_std"], params=params, wall_clock_s=wall,
@@ -272,7 +284,7 @@ def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, p
         importance=_importance_json(table), history=history,
         reliability=dict(before=bins(z), after=bins(z / ev["temperature"])), **sizes)
     atomic_write_json(results, out/"results.json")
-    (out/"last.pt").unlink(missing_ok=True)  # the finished run needs no checkpoint
+    for f in ("last.pt", "eva_init.pt"): (out/f).unlink(missing_ok=True)  # the finished run needs no checkpoint, nor EVA's init
     return results
 
 # %% ../nbs/06_experiment.ipynb #1c0c4b9e

@@ -33,9 +33,9 @@ def load_results(*paths) -> list[dict]:
     return sorted(out, key=lambda r: (METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else 99, r["seed"], r["path"]))
 
 # %% ../nbs/07_report.ipynb #601dccca
-METHOD_ORDER = ["fclora", "lora", "adalora", "random", "full", "linear"]
+METHOD_ORDER = ["fclora", "lora", "adalora", "random", "full", "linear", "eva"]
 METHOD_LABELS = dict(fclora="FC-LoRA", lora="LoRA (uniform)", adalora="AdaLoRA", random="random ranks",
-                     full="full fine-tune", linear="linear probe")
+                     full="full fine-tune", linear="linear probe", eva="EVA")
 METHOD_COLORS = dict(zip(METHOD_ORDER, sns.color_palette("colorblind", len(METHOD_ORDER))))
 
 # %% ../nbs/07_report.ipynb #48289142
@@ -44,7 +44,7 @@ def summary_table(results:list[dict]) -> pd.DataFrame:
     rows = []
     for r in results:
         p = r["params"]
-        rows.append({"method": r["method"], "seed": r["seed"], "trainable": p["trainable"], "adapter": p["adapter"],
+        rows.append({"method": r.get("arm", r["method"]), "seed": r["seed"], "trainable": p["trainable"], "adapter": p["adapter"],
                      "trainable %": 100 * p["trainable"] / p["total"], "test acc %": 100 * r["test_accuracy"],
                      "test loss": r["test_loss"], "ECE %": 100 * r["ece"], "ECE scaled %": 100 * r["ece_scaled"],
                      "class acc %": f'{100 * r["class_acc_mean"]:.1f} ± {100 * r["class_acc_std"]:.1f}',
@@ -59,9 +59,9 @@ def mean_ci(v, level:float=0.95) -> tuple[float, float, float]:
     return float(v.mean()), float(sd), float(stats.t.ppf((1 + level) / 2, len(v) - 1) * sd / math.sqrt(len(v)))
 
 def aggregate(results:list[dict], metrics=("test_accuracy", "ece", "ece_scaled", "test_loss")) -> pd.DataFrame:
-    "Per method: number of seeds, and mean, std, 95% CI half-width of each metric."
+    "Per method (per arm, for a study's variants of a method): number of seeds, and mean, std, 95% CI half-width of each metric."
     rows = []
-    for m, group in pd.DataFrame(results).groupby("method", sort=False):
+    for m, group in pd.DataFrame([dict(r, method=r.get("arm", r["method"])) for r in results]).groupby("method", sort=False):
         row = {"method": m, "seeds": len(group), "trainable": int(group["params"].iloc[0]["trainable"])}
         for k in metrics:
             mu, sd, ci = mean_ci(group[k])
@@ -71,7 +71,7 @@ def aggregate(results:list[dict], metrics=("test_accuracy", "ece", "ece_scaled",
 
 def paired_difference(results:list[dict], a:str="fclora", b:str="lora", metric:str="test_accuracy") -> dict:
     "Mean of metric(a) - metric(b) over seeds both methods ran, with std and 95% CI."
-    by = {(r["method"], r["seed"]): r[metric] for r in results}
+    by = {(r.get("arm", r["method"]), r["seed"]): r[metric] for r in results}
     seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
     d = [by[a, s] - by[b, s] for s in seeds]
     mu, sd, ci = mean_ci(d) if d else (float("nan"),) * 3

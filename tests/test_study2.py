@@ -1,0 +1,74 @@
+"""Study II (issue 11, results/study2-vits-cifar10/): the committed arms file is the issue's design, every run it
+describes is a valid configuration with one shared recipe, and `fclora sweep --arms` lays the runs out as
+<arm>-seed<seed>. Runs already finished must match the file."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import fclora
+from fclora.cli import load_arms, sweep_runs
+from fclora.core import Config
+from fclora.experiment import make_config, validate_config
+from fclora.allocation import check_budget
+
+STUDY = Path(__file__).resolve().parents[1]/"results/study2-vits-cifar10"
+RECIPE = dict(train_subset=2000, test_subset=5000, image_size=112, epochs=2, batch_size=32, score_batches=20, rank_budget=82,
+              precision="bf16", model_name="../shared/models/vit-small-patch14-imgfocus", dataset="../shared/data/cifar10")
+ARM_KEYS = {"method", "metric_weights", "rank_budget", "lr", "seeds"}   # what an arm may change; the rest is the shared recipe
+
+
+@pytest.fixture(scope="module")
+def arms():
+    return load_arms(STUDY/"arms.json")
+
+
+def test_arms_are_the_issue_design(arms):
+    settings, arms = arms
+    assert {k: settings[k] for k in RECIPE} == RECIPE
+    assert all(set(a) <= ARM_KEYS for a in arms.values())
+    budget = lambda a: a.get("rank_budget", settings["rank_budget"])
+    by = {(a["method"], tuple(a.get("metric_weights", Config.metric_weights)), budget(a)): len(a["seeds"]) for a in arms.values()}
+    for m in ("fclora", "lora", "eva"): assert by[m, Config.metric_weights, 82] >= 10, m
+    assert by["random", Config.metric_weights, 82] >= 5
+    for w in ((1, 0, 0), (0, 1, 0), (0, 0, 1)): assert by["fclora", w, 82] >= 5, w
+    for m in ("fclora", "lora"): assert by[m, Config.metric_weights, 144] >= 5, m
+    for b in {budget(a) for a in arms.values()}: check_budget(3 * 12, b, Config.r_min, Config.r_max)  # ViT-S/14: 12 blocks x q/k/v
+
+
+def test_seeds_pair_up(arms):
+    "Every arm's seeds are 0..n-1, so each arm pairs seed by seed with uniform LoRA at its budget."
+    _, arms = arms
+    for name, a in arms.items(): assert a["seeds"] == list(range(len(a["seeds"]))), name
+    for name, a in arms.items():
+        lora = next(b for b in arms.values() if b["method"] == "lora" and b.get("rank_budget") == a.get("rank_budget"))
+        assert set(a["seeds"]) <= set(lora["seeds"]), name
+
+
+def test_every_run_is_a_valid_config(arms):
+    settings, arms = arms
+    runs = sweep_runs(arms, [0])
+    assert len(runs) == sum(len(a["seeds"]) for a in arms.values())
+    for arm, seed, over in runs:
+        validate_config(make_config("paper", "cifar10", **{**settings, **over}, seed=seed, arm=arm))
+
+
+def test_sweep_dry_run_lists_every_run(arms, tmp_path):
+    _, arms = arms
+    p = fclora("sweep", "cifar10", "--arms", STUDY/"arms.json", "--out-dir", tmp_path, "--dry-run")
+    assert p.returncode == 0, p.stderr[-2000:]
+    listed = [l.split(":")[0] for l in p.stdout.splitlines() if ": to run" in l]
+    assert listed == [str(tmp_path/f"{a}-seed{s}") for a, s, _ in sweep_runs(arms, [0])]
+    assert not list(tmp_path.iterdir())                                   # a dry run writes nothing
+
+
+def test_finished_runs_follow_the_file(arms):
+    "Each committed run used the file's recipe and its arm's values (none are committed until the sweep runs)."
+    settings, arms = arms
+    for f in sorted(STUDY.glob("*-seed*/results.json")):
+        r = json.loads(f.read_text())
+        arm = f.parent.name.rsplit("-seed", 1)[0]
+        want = {**settings, **{k: v for k, v in arms[arm].items() if k != "seeds"}, "seed": int(f.parent.name.rsplit("-seed", 1)[1])}
+        got = {k: r["config"][k] for k in want if k != "progress"}
+        assert got == {k: v for k, v in want.items() if k != "progress"}, f
+        assert r.get("arm", r["method"]) == arm and sum(r["ranks"].values()) == want["rank_budget"], f
