@@ -19,11 +19,16 @@ from .allocation import (R_MIN, R_MAX, LORA_SCALING, check_budget, check_param_b
                                allocate_params, lora_config)
 
 # %% auto #0
-__all__ = ['BUDGET_UNITS', 'PLAN_FILE', 'Plan', 'plan']
+__all__ = ['BUDGET_UNITS', 'PLAN_FILE', 'check_budget_unit', 'Plan', 'plan']
 
 # %% ../nbs/08_plan.ipynb #d19fc6ef
 BUDGET_UNITS = ("rank", "params")
 PLAN_FILE = "plan.json"
+
+def check_budget_unit(unit:str):
+    "Raise a clear error unless `unit` is one of `BUDGET_UNITS`."
+    if unit not in BUDGET_UNITS:
+        raise FcloraError(f"unknown budget unit {unit!r}: use 'rank' (total LoRA rank) or 'params' (adapter parameters)")
 
 @dataclasses.dataclass(repr=False)
 class Plan:
@@ -93,8 +98,7 @@ def plan(model:nn.Module, # any PyTorch model; a Hugging Face model or a peft-re
          autocast_dtype=None, # e.g. torch.bfloat16 on a GPU
         ) -> Plan:
     "Score `model`'s target layers on `batches` and share `budget` among them in proportion: an FC-LoRA plan."
-    if budget_unit not in BUDGET_UNITS:
-        raise FcloraError(f"unknown budget unit {budget_unit!r}: use 'rank' (total LoRA rank) or 'params' (adapter parameters)")
+    check_budget_unit(budget_unit)
     weights = check_metric_weights(weights)
     names = find_target_modules(model, targets)
     shapes = {n: layer_shape(model.get_submodule(n)) for n in names}
