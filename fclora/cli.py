@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import FcloraError, load_data, balanced_subset, train_val_split
-from .lora import load_model, image_stats, param_table, RANDOM_MODELS
+from .data import FcloraError
+from .lora import param_table
 from .allocation import rank_grid
-from .training import Config, resolve_device
-from .experiment import PRESETS, make_config, validate_config, check_out_dir, plan_ranks
+from . import planner
+from .training import Config, resolve_device, autocast_dtype
+from .experiment import PRESETS, make_config, validate_config, check_out_dir, data_and_model, scoring_batches
 from .report import load_results, summary_table, aggregate, paired_difference
 
 # %% auto #0
-__all__ = ['NOTEBOOKS', 'add_config_options', 'config_overrides', 'plan', 'ExperimentFailed', 'notebook_path', 'run_notebook',
-           'run_command', 'load_arms', 'sweep_runs', 'sweep', 'compare',
-           'main']
+__all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'add_config_options', 'config_overrides', 'add_plan_options', 'parse_targets',
+           'plan', 'ExperimentFailed', 'notebook_path', 'run_notebook', 'run_command', 'load_arms', 'sweep_runs',
+           'sweep', 'compare', 'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
 def _parse_value(kind, text:str):
@@ -47,31 +48,64 @@ def config_overrides(args) -> dict:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 # %% ../nbs/08_cli.ipynb #fa708735
-def plan(args) -> dict:
-    cfg = Config(method="fclora", model_name=args.model, dataset=args.dataset, rank_budget=args.budget, r_min=args.r_min,
-                 r_max=args.r_max, metric_weights=args.weights, score_batches=args.score_batches, batch_size=args.batch_size,
-                 image_size=args.image_size, seed=args.seed, train_subset=args.train_subset, device=args.device,
-                 data_root=args.data_root, progress=not args.quiet)
+PLAN_OPTIONS = ("model_name", "dataset", "data_root", "rank_budget", "r_min", "r_max", "metric_weights", "score_batches",
+                "batch_size", "image_size", "train_subset", "val_fraction", "seed", "device", "precision", "progress")
+RENAMED = {"--model": "--model-name", "--budget": "--rank-budget", "--weights": "--metric-weights"}  # old plan spellings
+
+class _Renamed(argparse.Action):
+    "An old spelling of an option: it still works for this release, with a note on stderr."
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"fclora: note: {option_string} is deprecated, use {RENAMED[option_string]} (the old spelling goes in the "
+              "next release)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+def add_plan_options(p:argparse.ArgumentParser):
+    "`fclora run`'s options that a plan needs, the old spellings, and the plan's own."
+    add_config_options(p, skip=[f.name for f in dataclasses.fields(Config) if f.name not in PLAN_OPTIONS])
+    p.add_argument("--preset", default="paper", choices=list(PRESETS))
+    for old, new in RENAMED.items():
+        kind = _field_kind(next(f for f in dataclasses.fields(Config) if f.name == new[2:].replace("-", "_")))
+        p.add_argument(old, dest=new[2:].replace("-", "_"), action=_Renamed, help=argparse.SUPPRESS,
+                       type=lambda s, k=kind: _parse_value(k, s))
+    p.add_argument("--targets", default=None, help="layers to adapt: comma-separated names or a regular expression (default: q/k/v)")
+    p.add_argument("--budget-unit", default="rank", help="rank (total LoRA rank) or params (adapter parameters)")
+    p.add_argument("--save-config", default=None, metavar="DIR", help="write plan.json and peft's adapter_config.json here")
+    p.add_argument("--json", default=None, help="write the plan as JSON here")
+    p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bar (= --no-progress)")
+
+def parse_targets(text:str|None):
+    "`--targets`: comma-separated layer names become a list, anything else is a regular expression."
+    if text is None: return None
+    names = text.split(",")
+    return names if all(re.fullmatch(r"[\w.]+", n) for n in names) else text
+
+def plan(args) -> planner.Plan:
+    "`fclora plan`: score and allocate for a model and dataset; print the tables, write --json and --save-config."
+    planner.check_budget_unit(args.budget_unit)
+    overrides = config_overrides(args)
+    variant = overrides.get("dataset") if overrides.get("dataset") in PRESETS[args.preset] else "cifar10"
+    cfg = make_config(args.preset, variant, **dict(overrides, method="fclora"))
     validate_config(cfg)
     t0 = time.perf_counter()
-    train_file, _ = load_data(cfg.dataset, cfg.data_root)
-    train, _ = train_val_split(balanced_subset(train_file, cfg.train_subset, cfg.seed, "train_subset"), cfg.val_fraction, cfg.seed)
-    model = load_model(cfg.model_name, args.num_labels or train.num_classes, cfg.image_size if cfg.model_name in RANDOM_MODELS else None, cfg.seed)
     device = resolve_device(cfg)
-    model.to(device)
-    ranks, table = plan_ranks(model, train.to(device), cfg, *image_stats(cfg.model_name))
-    counts = param_table(model, ranks.to_dict())
-    out = dict(budget=cfg.rank_budget, ranks={n: int(r) for n, r in ranks.items()},
-               importance={n: {k: float(row[k]) for k in ("fisher", "grad", "cov", "score")} for n, row in table.iterrows()},
-               params={k: counts[k] for k in ("adapter", "head", "trainable", "total")})
-    print(f"{cfg.model_name} on {cfg.dataset}: {len(ranks)} q/k/v projections, rank budget {cfg.rank_budget}, "
-          f"{cfg.score_batches} scoring batches of {cfg.batch_size} at {cfg.image_size} px ({time.perf_counter() - t0:.1f} s)\n")
-    grid = rank_grid(ranks); grid["sum"] = grid.sum(1)
-    print("ranks (block x projection):"); print(grid.to_string()); print(f"total: {int(ranks.sum())}\n")
-    print("parameters:"); print(pd.Series(out["params"]).map("{:,}".format).to_string())
+    (train, _, _), model, mean, std = data_and_model(cfg, device)
+    p = planner.plan(model, scoring_batches(train, cfg, mean, std), cfg.rank_budget, r_min=cfg.r_min, r_max=cfg.r_max,
+                     weights=cfg.metric_weights, targets=parse_targets(args.targets), budget_unit=args.budget_unit,
+                     progress=cfg.progress, autocast_dtype=autocast_dtype(cfg, device))
+    base = param_table(model)
+    params = dict(adapter=p.params, head=base["head"], trainable=p.params + base["head"], total=base["base_plus_head"] + p.params)
+    out = dict(budget=cfg.rank_budget, budget_unit=args.budget_unit, ranks=p.ranks, params=params,
+               importance={n: {k: float(row[k]) for k in ("fisher", "grad", "cov", "score")} for n, row in p.importance.iterrows()})
+    what = "q/k/v projections" if args.targets is None else f"layers matching {args.targets!r}"
+    print(f"{cfg.model_name} on {cfg.dataset}: {len(p.ranks)} {what}, {args.budget_unit} budget {cfg.rank_budget:,}, "
+          f"{p.n_batches} scoring batches of {cfg.batch_size} at {cfg.image_size} px ({time.perf_counter() - t0:.1f} s)\n")
+    grid = rank_grid(p.ranks); grid["sum"] = grid.sum(1)
+    print("ranks (block x projection):"); print(grid.to_string()); print(f"total: {sum(p.ranks.values())}\n")
+    print("parameters:"); print(pd.Series(params).map("{:,}".format).to_string())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True); Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    if args.save_config: print(f"\nsaved to {p.save(args.save_config)}: Plan.load or peft's LoraConfig.from_pretrained reads it")
+    return p
 
 # %% ../nbs/08_cli.ipynb #71c22fff
 NOTEBOOKS = {"cifar10": "10_cifar10.ipynb", "cifar100": "11_cifar100.ipynb"}
@@ -182,22 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fclora", description="FC-LoRA: adaptive LoRA rank allocation for Vision Transformers")
     sub = p.add_subparsers(dest="command", required=True)
     d = Config()
-    pl = sub.add_parser("plan", help="score and allocate ranks for a model and dataset, without training")
-    pl.add_argument("--model", default=d.model_name, help="hub id, local folder or random-init name")
-    pl.add_argument("--dataset", default=d.dataset, help="cifar10, cifar100, digits or a folder")
-    pl.add_argument("--budget", type=int, default=d.rank_budget)
-    pl.add_argument("--r-min", type=int, default=d.r_min); pl.add_argument("--r-max", type=int, default=d.r_max)
-    pl.add_argument("--weights", type=lambda s: _parse_value("tuple", s), default=d.metric_weights, help="Fisher,gradient,covariance")
-    pl.add_argument("--score-batches", type=int, default=d.score_batches)
-    pl.add_argument("--batch-size", type=int, default=d.batch_size)
-    pl.add_argument("--image-size", type=int, default=d.image_size)
-    pl.add_argument("--num-labels", type=int, default=None, help="(default: the dataset's classes)")
-    pl.add_argument("--train-subset", type=int, default=d.train_subset)
-    pl.add_argument("--seed", type=int, default=d.seed)
-    pl.add_argument("--device", default=d.device)
-    pl.add_argument("--data-root", default=d.data_root)
-    pl.add_argument("--json", default=None, help="write the plan as JSON here")
-    pl.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_plan_options(sub.add_parser("plan", help="score and allocate ranks for a model and dataset, without training"))
     for name in ("run", "sweep"):
         r = sub.add_parser(name, help="run an experiment notebook through papermill" if name == "run" else "run methods x seeds")
         r.add_argument("experiment", choices=list(NOTEBOOKS))
