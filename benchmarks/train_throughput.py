@@ -1,7 +1,9 @@
 """Training throughput (images/s): fclora's step vs the stock torchvision/DataLoader/peft recipe vs the model alone.
 
 (a) fclora: uint8 tensors in memory -> fclora.training.train_batch (batched crop/flip/resize/normalise/CutMix)
-    -> peft LoRA from fclora.allocation.lora_config with fclora's allocated ranks -> soft CE -> AdamW + schedule.
+    -> peft LoRA from fclora.allocation.lora_config with fclora's allocated ranks -> soft CE -> AdamW + schedule,
+    through fclora.training.start_fit / one_batch, so in bf16 with fclora's bf16 path (`prepare_for_precision`:
+    frozen weights stored in bf16 once, eager attention on a CPU) under autocast.
 (b) stock: Dataset of PIL images -> transforms.v2 Resize/RandomHorizontalFlip/ToImage/ToDtype/Normalize ->
     DataLoader(num_workers=2, persistent) -> transformers model + peft LoraConfig(r=uniform, q/k/v leaf names,
     classifier in modules_to_save) -> transforms.v2.CutMix (p=0.5, as fclora) -> CrossEntropyLoss(label_smoothing=0.1)
@@ -117,7 +119,10 @@ def measure(spec, size, label, precision, args, data, source):
         log(f"[{label} {precision}] window {w + 1}/{args.windows}: " +
             ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in rates.items()))
     med = {k: median(v) for k, v in rates.items()}
-    emit(dict(model=label, precision=precision, image_size=size, batch_size=args.batch_size, threads=args.threads,
+    from fclora.training import _inner
+    emit(dict(model=label, precision=precision, resolved_precision="bf16" if fit.dtype == torch.bfloat16 else "fp32",
+              attention=getattr(_inner(fit.core).config, "_attn_implementation", None), image_size=size,
+              batch_size=args.batch_size, threads=args.threads,
               data=source, rank_budget=budget, fclora_rank_min=int(ranks.min()), fclora_rank_max=int(ranks.max()),
               stock_rank=args.rank, stock_workers=args.workers, windows=args.windows, steps_per_window=steps,
               fclora_img_s=round(med["fclora"], 2), stock_img_s=round(med["stock"], 2),
@@ -131,8 +136,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     model_choices(p)
-    p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="fp32",
-                   help="autocast for fclora and model-only paths (the stock path is always fp32)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto", "both"), default="fp32",
+                   help="precision of the fclora and model-only paths (both: fp32 then bf16; auto: what fclora's "
+                        "precision='auto' picks for the model on this device); the stock path is always fp32")
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="steps per window for 32 px models")
     p.add_argument("--steps-large", type=int, default=2, help="steps per window for larger images (ViT-S at 112 px)")

@@ -22,11 +22,12 @@ from .importance import METRIC_WEIGHTS
 from .allocation import R_MIN, R_MAX, LORA_SCALING
 
 # %% auto #0
-__all__ = ['warmup_cosine', 'resolve_device', 'autocast_dtype', 'soft_cross_entropy', 'train_batch', 'world', 'from_rank0',
-           'local_batch_size', 'steps_per_epoch', 'epoch_batches', 'predict', 'is_adalora', 'adalora_orth_penalty',
-           'make_optimizer', 'train_step', 'Fit', 'start_fit', 'run_cbs', 'Callback', 'epoch_order', 'one_batch',
-           'TrainingDiverged', 'check_finite', 'Progress', 'AdaLoraUpdate', 'atomic_save', 'atomic_write_json',
-           'trainable_state', 'save_checkpoint', 'load_checkpoint', 'Checkpoint', 'evaluate', 'train_epoch', 'train']
+__all__ = ['BF16_MIN_WIDTH', 'warmup_cosine', 'resolve_device', 'soft_cross_entropy', 'train_batch', 'native_bf16',
+           'autocast_dtype', 'keep_frozen_in_bf16', 'prepare_for_precision', 'world', 'from_rank0', 'local_batch_size',
+           'steps_per_epoch', 'epoch_batches', 'predict', 'is_adalora', 'adalora_orth_penalty', 'make_optimizer',
+           'train_step', 'Fit', 'start_fit', 'run_cbs', 'Callback', 'epoch_order', 'one_batch', 'TrainingDiverged',
+           'check_finite', 'Progress', 'AdaLoraUpdate', 'atomic_save', 'atomic_write_json', 'trainable_state',
+           'save_checkpoint', 'load_checkpoint', 'Checkpoint', 'evaluate', 'train_epoch', 'train']
 
 # %% ../nbs/04_training.ipynb #1035b6d3
 def warmup_cosine(total_steps:int, warmup_steps:int):
@@ -42,11 +43,6 @@ def resolve_device(cfg:Config) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available(): raise FcloraError("device=cuda but no CUDA GPU is available")
     return torch.device(cfg.device)
 
-def autocast_dtype(cfg:Config, device:torch.device):
-    "bf16 autocast on GPU (or when asked), else None for plain float32."
-    p = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return torch.bfloat16 if p == "bf16" else None
-
 def soft_cross_entropy(logits, target):
     "Cross-entropy against soft targets (B, K)."
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
@@ -60,6 +56,45 @@ def train_batch(data:ImageSet, idx, cfg:Config, mean, std, gen_cpu, gen_dev):
     if torch.rand(1, generator=gen_cpu).item() < cfg.cutmix_prob:
         x, y = cutmix(x, y, data.num_classes, cfg.cutmix_alpha, gen_cpu)
     return x, y * (1 - cfg.label_smoothing) + cfg.label_smoothing / data.num_classes
+
+# %% ../nbs/04_training.ipynb #e13bf16b
+BF16_MIN_WIDTH = 256  # on a CPU, `precision="auto"` uses bf16 only for models at least this wide (benchmarks/README.md)
+
+def _inner(model:nn.Module) -> nn.Module:
+    "The transformers model inside DDP / torch.compile / peft wrappers."
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"): model = getattr(model, "module", None) or model._orig_mod
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+def native_bf16(device_type:str) -> bool:
+    "Whether the device multiplies bf16 natively: a CUDA GPU, or a CPU with AMX or AVX512-BF16."
+    if device_type == "cuda": return True
+    # torch internals: private CPU capability checks (treated as False where a torch version lacks them)
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+def autocast_dtype(cfg:Config, device:torch.device, model:nn.Module|None=None):
+    "torch.bfloat16 for a bf16 run, None for float32; `auto`: bf16 on a GPU, and on a CPU for a wide model with native bf16."
+    p = cfg.precision
+    if p == "auto":
+        wide = model is not None and getattr(_inner(model).config, "hidden_size", 0) >= BF16_MIN_WIDTH
+        p = "bf16" if device.type == "cuda" or (wide and native_bf16(device.type)) else "fp32"
+    return torch.bfloat16 if p == "bf16" else None
+
+def keep_frozen_in_bf16(model:nn.Module) -> nn.Module:
+    "Store the frozen weights of every `nn.Linear` and `nn.Conv2d` in bf16, once (in place); trainable ones stay as they are."
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            for p in m.parameters(recurse=False):
+                if not p.requires_grad: p.data = p.data.to(torch.bfloat16)
+    return model
+
+def prepare_for_precision(model:nn.Module, cfg:Config, device:torch.device) -> nn.Module:
+    "For a bf16 run: frozen weights in bf16 and, on a CPU, eager attention. Float32 runs are left untouched."
+    if autocast_dtype(cfg, device, model) != torch.bfloat16: return model
+    keep_frozen_in_bf16(model)
+    inner = _inner(model)
+    if device.type == "cpu" and hasattr(inner, "set_attn_implementation") and getattr(inner.config, "_attn_implementation", None) == "sdpa":
+        inner.set_attn_implementation("eager")
+    return model
 
 # %% ../nbs/04_training.ipynb #61deff1d
 def world() -> tuple[int, int]:
@@ -99,7 +134,7 @@ def predict(model:nn.Module, data:ImageSet, cfg:Config, mean=IMAGENET_MEAN, std=
     "Logits (N, K), float32 on the CPU."
     was_training = model.training
     model.eval()
-    device, dtype = data.x.device, autocast_dtype(cfg, data.x.device)
+    device, dtype = data.x.device, autocast_dtype(cfg, data.x.device, model)
     out = []
     for idx in batch_indices(len(data), cfg.eval_batch_size):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -167,13 +202,14 @@ class Fit:
     @property
     def device(self): return self.train_set.x.device
     @property
-    def dtype(self): return autocast_dtype(self.cfg, self.device)
+    def dtype(self): return autocast_dtype(self.cfg, self.device, self.core)
     @property
     def params(self): return [p for p in self.core.parameters() if p.requires_grad]
 
 def start_fit(model:nn.Module, train_set:ImageSet, val_set:ImageSet|None, cfg:Config, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Fit:
-    "A run at step 0: the optimiser and schedule for the whole run, and this process's seeded generators."
+    "A run at step 0: the model prepared for its precision, the optimiser and schedule for the whole run, and this process's seeded generators."
     rank, _ = world()
+    prepare_for_precision(model, cfg, train_set.x.device)
     spe = steps_per_epoch(len(train_set), cfg)
     opt, sched = make_optimizer(model, cfg, cfg.epochs * spe)
     device = train_set.x.device
