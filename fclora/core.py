@@ -51,7 +51,7 @@ class Config:
     seed: int = 0
     arm: str | None = None  # the name of this variant in a study (e.g. fclora-fisher): results and folders use it; None: the method
     out_dir: str | None = None  # None: runs/<dataset>-<arm or method>-seed<seed>
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    precision: str = "auto"  # auto (bf16 on a GPU, and on a CPU with native bf16 for models >= 256 wide; else fp32: training.autocast_dtype), fp32, bf16
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile the model (falls back with a warning)
     nproc: int = 1  # processes per machine (torchrun --nproc-per-node; DDP: gloo on CPU, NCCL on GPU)
