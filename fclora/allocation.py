@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from peft import LoraConfig
 
-from .data import FcloraError
+from .core import FcloraError
 from .lora import QKV_NAMES
 
 # %% auto #0

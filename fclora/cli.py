@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import FcloraError
+from .core import FcloraError
 from .lora import param_table
 from .allocation import rank_grid
 from . import planner
-from .training import Config, resolve_device, autocast_dtype
+from .core import Config
+from .training import resolve_device, autocast_dtype
 from .experiment import PRESETS, make_config, validate_config, check_out_dir, data_and_model, scoring_batches
 from .report import load_results, summary_table, aggregate, paired_difference
 

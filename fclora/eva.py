@@ -12,7 +12,7 @@ import torch
 from peft import EvaConfig, LoraConfig
 from peft.tuners.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 
-from .data import FcloraError
+from .core import FcloraError
 from .lora import model_logits
 from .allocation import R_MIN, R_MAX, LORA_SCALING, lora_config
 

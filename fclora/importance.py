@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import FcloraError
+from .core import FcloraError
 from .lora import QKV_NAMES, find_qkv_modules, model_logits
 
 # %% auto #0

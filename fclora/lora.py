@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import FcloraError, IMAGENET_MEAN, IMAGENET_STD
+from .core import FcloraError
+from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
 __all__ = ['RANDOM_MODELS', 'QKV_NAMES', 'HEAD_NAMES', 'LoRALinear', 'lora_param_count', 'load_model', 'image_stats',

@@ -11,7 +11,7 @@ import pandas as pd
 from torch import nn
 from peft import LoraConfig
 
-from .data import FcloraError
+from .core import FcloraError
 from .lora import lora_param_count, find_head_modules
 from .importance import (METRIC_WEIGHTS, check_metric_weights, find_target_modules, layer_shape, collect_importance,
                                reduce_importance, importance_table, _batches)
