@@ -20,8 +20,8 @@ from .report import load_results, summary_table, aggregate, paired_difference
 
 # %% auto #0
 __all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'add_config_options', 'config_overrides', 'add_plan_options', 'parse_targets',
-           'plan', 'ExperimentFailed', 'notebook_path', 'run_notebook', 'run_command', 'load_arms', 'sweep_runs',
-           'sweep', 'compare', 'main']
+           'plan_command', 'ExperimentFailed', 'notebook_path', 'run_notebook', 'run_command', 'load_arms',
+           'sweep_runs', 'sweep', 'compare', 'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
 def _parse_value(kind, text:str):
@@ -80,7 +80,7 @@ def parse_targets(text:str|None):
     names = text.split(",")
     return names if all(re.fullmatch(r"[\w.]+", n) for n in names) else text
 
-def plan(args) -> planner.Plan:
+def plan_command(args) -> planner.Plan:
     "`fclora plan`: score and allocate for a model and dataset; print the tables, write --json and --save-config."
     planner.check_budget_unit(args.budget_unit)
     overrides = config_overrides(args)
@@ -253,7 +253,7 @@ def main(argv=None):
     if argv is None:  # the `fclora` command (not a call from Python): the kernel runs in its own session, so stop it ourselves
         for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, _interrupt)
     try:
-        if args.command == "plan": plan(args)
+        if args.command == "plan": plan_command(args)
         elif args.command == "run":
             run_command(args.experiment, config_overrides(args), args.preset, args.log_output)
         elif args.command == "sweep":
