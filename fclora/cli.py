@@ -20,8 +20,8 @@ from .report import load_results, summary_table, aggregate, paired_difference
 
 # %% auto #0
 __all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'add_config_options', 'config_overrides', 'add_plan_options', 'parse_targets',
-           'plan_command', 'ExperimentFailed', 'notebook_path', 'run_notebook', 'run_command', 'load_arms',
-           'sweep_runs', 'sweep', 'compare', 'main']
+           'plan_command', 'ExperimentFailed', 'notebook_path', 'kernel_options', 'run_notebook', 'run_command',
+           'load_arms', 'sweep_runs', 'sweep', 'compare', 'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
 def _parse_value(kind, text:str):
@@ -122,6 +122,12 @@ def notebook_path(name:str) -> Path:
     if not p.exists(): raise FcloraError(f"{p} not found: fclora run needs the repository's notebooks (pip install -e . from a clone)")
     return p
 
+def kernel_options() -> dict:
+    "papermill's kernel talks to us over CurveZMQ-encrypted sockets when pyzmq can (ipykernel warns about plain TCP)."
+    import zmq
+    from traitlets.config import Config as TraitletsConfig
+    return dict(config=TraitletsConfig(KernelManager=dict(transport_encryption="auto"))) if zmq.has("curve") else {}
+
 def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:bool=False) -> Path:
     "Execute the experiment notebook with papermill; return the run folder."
     import papermill as pm
@@ -134,7 +140,7 @@ def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:boo
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(params, preset=preset, out_dir=str(out)).items()}
     try:
         pm.execute_notebook(str(nb), str(executed), parameters=params, progress_bar=not log_output,
-                            log_output=log_output, cwd=os.getcwd(), kernel_name="python3")
+                            log_output=log_output, cwd=os.getcwd(), kernel_name="python3", **kernel_options())
     except pm.PapermillExecutionError as e:
         if e.ename == "KeyboardInterrupt": raise KeyboardInterrupt from None
         if e.ename in ("FcloraError", "TrainingDiverged"):
@@ -236,6 +242,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 _interrupted = False
+_STOPPED = {  # what an interrupted command leaves behind, by command
+    "plan": "nothing was saved (the plan is written only when scoring ends): run the same command again",
+    "compare": "nothing was written: run the same command again",
+    "run": "the last checkpoint is kept: rerun with --resume to continue"}
 
 def _interrupt(signum, frame):
     "Ctrl-C or SIGTERM: stop the notebook's kernel and its workers at once (the last checkpoint is intact), end like Ctrl-C."
@@ -266,6 +276,6 @@ def main(argv=None):
         elif args.command == "compare": compare(args.paths, args.csv, args.agg_csv)
     except BaseException as e:
         if _interrupted or isinstance(e, KeyboardInterrupt):
-            print("fclora: interrupted; the last checkpoint is kept: rerun with --resume to continue", file=sys.stderr); sys.exit(130)
+            print(f"fclora: interrupted; {_STOPPED.get(args.command, _STOPPED['run'])}", file=sys.stderr); sys.exit(130)
         if not isinstance(e, (FcloraError, ExperimentFailed)): raise
         print(f"fclora: error: {e}", file=sys.stderr); sys.exit(2 if isinstance(e, FcloraError) else 1)

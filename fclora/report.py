@@ -17,9 +17,10 @@ from .allocation import rank_grid, block_and_projection
 from .importance import minmax
 
 # %% auto #0
-__all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'NOTE_NUMBERS', 'load_results', 'summary_table', 'mean_ci',
-           'aggregate', 'paired_difference', 'with_note_column', 'plot_rank_heatmap', 'plot_importance',
-           'plot_reliability_bins', 'plot_reliability', 'plot_accuracy_vs_params', 'plot_training_curves', 'plot_run']
+__all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'STUDY_METRICS', 'NOTE_NUMBERS', 'load_results', 'summary_table',
+           'mean_ci', 'aggregate', 'paired_difference', 'study_table', 'with_note_column', 'plot_rank_heatmap',
+           'plot_importance', 'plot_reliability_bins', 'plot_reliability', 'plot_accuracy_vs_params',
+           'plot_training_curves', 'plot_run']
 
 # %% ../nbs/07_report.ipynb #53f219ed
 def load_results(*paths) -> list[dict]:
@@ -76,6 +77,22 @@ def paired_difference(results:list[dict], a:str="fclora", b:str="lora", metric:s
     d = [by[a, s] - by[b, s] for s in seeds]
     mu, sd, ci = mean_ci(d) if d else (float("nan"),) * 3
     return dict(a=a, b=b, metric=metric, seeds=seeds, diffs=d, mean=mu, std=sd, ci95=ci, low=mu - ci, high=mu + ci)
+
+# %% ../nbs/07_report.ipynb #cefa459b
+STUDY_METRICS = {  # metric: (column heading, scale, format)
+    "test_accuracy": ("test accuracy %", 100, ".1f"), "ece": ("ECE %", 100, ".1f"),
+    "ece_scaled": ("ECE after scaling %", 100, ".1f"), "test_loss": ("test loss", 1, ".3f")}
+
+def _mean_std(mu, sd, scale, fmt): return f"{scale * mu:{fmt}}" + ("" if np.isnan(sd) else f" ± {scale * sd:{fmt}}")
+
+def study_table(agg:pd.DataFrame, metrics=tuple(STUDY_METRICS)) -> pd.DataFrame:
+    "`aggregate`'s per-method table as text: seeds, trainable params and mean ± std of each metric, rows labelled."
+    out = pd.DataFrame({"seeds": agg["seeds"].astype(int), "trainable params": agg["trainable"].map("{:,}".format)})
+    for m in metrics:
+        head, scale, fmt = STUDY_METRICS[m]
+        out[head] = [_mean_std(mu, sd, scale, fmt) for mu, sd in zip(agg[f"{m} mean"], agg[f"{m} std"])]
+    out.index = pd.Index([METHOD_LABELS.get(m, m) for m in agg.index], name="method")  # relabel last: `agg` aligns on its own index
+    return out
 
 # %% ../nbs/07_report.ipynb #ff8dea8f
 NOTE_NUMBERS = {  # (dataset, method): {column: value}; source: the FC-LoRA note, as quoted in the project brief

@@ -41,11 +41,13 @@ def docs(*args, timeout):
 
 
 @pytest.fixture(scope="session")
-def docs_site():
-    "Build the offline docs site into _docs/ once per test session; return its folder."
-    try: r = docs("site", "--offline", timeout=180)
+def docs_site(tmp_path_factory):
+    """Build the offline docs site once per test session into a folder of its own (not _docs/, which another
+    session or a developer's build may be replacing while this one's pages are checked); return the folder."""
+    dest = tmp_path_factory.mktemp("docs")/"_docs"
+    try: r = docs("site", "--offline", "--dest", str(dest), timeout=180)
     except subprocess.TimeoutExpired:
         pytest.fail("docs site build took over 3 minutes: nbdev runs every notebook cell that imports "
                     "something, so keep imports in their own cells, away from slow code")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return ROOT/"_docs"
+    return dest

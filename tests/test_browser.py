@@ -1,38 +1,29 @@
 """The offline docs site in a real browser: each page of _docs/ opened in headless Chromium.
 
 Per page: no console errors (JS errors, failed resource loads), the notebook's title, every <img>
-decoded (figures visible), the math rendered by MathJax where the notebook has `$...$`, and links
-within the site pointing at pages and anchors that exist. A full-page screenshot of each page goes
+decoded (figures visible), the math rendered by MathJax where the notebook has `$...$`, no table cell
+reading NaN/None/nan unless the markdown above that table says so, and links within the site pointing
+at pages and anchors that exist. A full-page screenshot of each page goes
 to test-artifacts/screenshots/ (gitignored).
 
 Needs selenium (a dev requirement) and Debian's `chromium` + `chromium-driver`; when they are missing
 and we are root with apt, the test installs them (~20 s), else it skips. ~12 s for 12 pages.
 """
-import functools, html, json, os, re, shutil, subprocess, threading
+import functools, html, json, re, threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 
+from _browser import MISSING, SHOTS, chromium, has_math, new_driver, screenshot, severe_console  # noqa: F401 (a fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT/'nbs'
 NOTEBOOKS = sorted(p for p in NBS.glob('*.ipynb') if p.stem == 'index' or p.stem[:2].isdigit())
-SHOTS = ROOT/'test-artifacts'/'screenshots'
-FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync',
-         '--disable-dev-shm-usage', '--window-size=1280,1000']
-MATH = re.compile(r'\$\$.+?\$\$|(?<![\\$])\$[^$\n]+?(?<!\\)\$', re.S)
 
 
 # ---------------------------------------------------------------- what each notebook should give
-
-def _markdown(nb: Path):
-    "The markdown cells of a notebook, with code spans and fences removed."
-    cells = json.loads(nb.read_text(encoding='utf-8'))['cells']
-    md = '\n\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
-    return re.sub(r'`[^`\n]*`', '', re.sub(r'```.*?```', '', md, flags=re.S))
-
 
 def notebook_title(nb: Path):
     "The title nbdev gives the notebook: front matter `title:`, else its first `# Heading`."
@@ -47,37 +38,8 @@ def notebook_title(nb: Path):
             if m: return m.group(1)
 
 
-def has_math(nb: Path): return bool(MATH.search(_markdown(nb)))
 
-
-# ---------------------------------------------------------------- Chromium, a server, a driver
-
-def _apt_install():
-    "Install Debian's chromium + chromium-driver; return '' or why it failed."
-    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
-    cmd = ['apt-get', 'install', '-y', '-q', '-o', 'Dpkg::Use-Pty=0', 'chromium', 'chromium-driver']
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
-        if r.returncode != 0:  # maybe stale or empty package lists
-            subprocess.run(['apt-get', 'update', '-q'], capture_output=True, timeout=180, env=env)
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
-    except subprocess.TimeoutExpired as e: return f'`{" ".join(e.cmd)}` timed out'
-    return '' if r.returncode == 0 else (r.stderr or r.stdout).strip()[-500:]
-
-
-@pytest.fixture(scope='module')
-def chromium():
-    "Paths of (chromium, chromedriver); installed with apt if missing and possible, else skip."
-    pytest.importorskip('selenium', reason='selenium is not installed (a dev requirement: pip install -e ".[dev]")')
-    find = lambda: (shutil.which('chromium'), shutil.which('chromedriver'))
-    if not all(find()):
-        if not (hasattr(os, 'geteuid') and os.geteuid() == 0 and shutil.which('apt-get')):
-            pytest.skip('Chromium and chromedriver are not installed and cannot be (needs root and apt): '
-                        '`apt-get install chromium chromium-driver`')
-        why = _apt_install()
-        if why or not all(find()): pytest.skip(f'could not install chromium + chromium-driver with apt: {why}')
-    return find()
-
+# ---------------------------------------------------------------- a server, a driver
 
 @pytest.fixture(scope='module')
 def server(docs_site):
@@ -97,15 +59,7 @@ def server(docs_site):
 
 @pytest.fixture(scope='module')
 def driver(chromium, tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium[0]
-    for f in FLAGS + [f'--user-data-dir={tmp_path_factory.mktemp("chromium-profile")}']: opts.add_argument(f)
-    opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
-    d = webdriver.Chrome(options=opts, service=Service(chromium[1]))  # no Selenium Manager, no network
-    d.set_page_load_timeout(30); d.set_script_timeout(30)
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    d = new_driver(chromium, tmp_path_factory.mktemp('chromium-profile'))
     yield d
     d.quit()
 
@@ -135,27 +89,26 @@ const done = arguments[arguments.length - 1];
     links: [...document.querySelectorAll('a[href]')].filter(a => a.origin === location.origin)
              .map(a => a.pathname + a.hash),
     height: Math.max(document.body.scrollHeight, document.documentElement.scrollHeight),
+    missing: missing(new RegExp(arguments[0])),
   };
 })().then(done, e => done({error: String(e)}));
+
+// Table cells reading a missing value, each with whether the nearest markdown cell above the table names it.
+function missing(re) {
+  return [...document.querySelectorAll('.jp-OutputArea table td, .jp-OutputArea table th')]
+    .filter(td => re.test(td.textContent.trim())).map(td => {
+      const text = td.textContent.trim(), token = text.match(re)[0];
+      let c = td.closest('.jp-Cell');
+      while (c && !c.classList.contains('jp-MarkdownCell')) c = c.previousElementSibling;
+      const row = td.closest('tr'), head = row && row.querySelector('th');
+      return {text, row: head ? head.textContent.trim() : '', explained: !!c && c.textContent.includes(token)};
+    });
+}
 """
 
 
 def _ids(page: Path):
     return {html.unescape(i) for i in re.findall(r'\bid="([^"]*)"', page.read_text(encoding='utf-8'))}
-
-
-def screenshot(driver, path, height):
-    "A full-page PNG via the DevTools protocol: the viewport made page-high (so the fixed sidebar spans it)."
-    import base64
-    w, h = driver.execute_script('return [window.innerWidth, document.documentElement.clientHeight]')
-    height = min(max(height, h), 16000)
-    driver.execute_cdp_cmd('Emulation.setDeviceMetricsOverride',
-                           {'width': w, 'height': height, 'deviceScaleFactor': 1, 'mobile': False})
-    try:
-        shot = driver.execute_cdp_cmd('Page.captureScreenshot', {'format': 'png', 'captureBeyondViewport': True,
-                                      'clip': {'x': 0, 'y': 0, 'width': w, 'height': height, 'scale': 1}})
-    finally: driver.execute_cdp_cmd('Emulation.clearDeviceMetricsOverride', {})
-    path.write_bytes(base64.b64decode(shot['data']))
 
 
 def check_page(driver, server, site: Path, stem, title=None, math=False):
@@ -164,11 +117,10 @@ def check_page(driver, server, site: Path, stem, title=None, math=False):
     driver.get_log('browser')  # drop anything left from the previous page
     failed.clear()
     driver.get(f'{base}{stem}.html')
-    r = driver.execute_async_script(INSPECT)
+    r = driver.execute_async_script(INSPECT, MISSING)
     if 'error' in r: return [f'inspection script failed: {r["error"]}']
     screenshot(driver, SHOTS/f'{stem}.png', r['height'])
-    problems = [f'console {e["level"]}: {e["message"][:300]}' for e in driver.get_log('browser')
-                if e['level'] == 'SEVERE']
+    problems = severe_console(driver)
     problems += [f'server answered {code} for {path}' for path, code in failed]
     if title and r['title'] != title: problems.append(f'title is {r["title"]!r}, not the notebook title {title!r}')
     for i in r['images']:
@@ -179,6 +131,8 @@ def check_page(driver, server, site: Path, stem, title=None, math=False):
         elif not r['math']: problems.append('the notebook has $...$ math but MathJax rendered none (no mjx-container)')
     problems += [f'MathJax error: {e}' for e in r['math_errors']]
     problems += [f'math left as text: {m!r}' for m in r['raw_math']]
+    problems += [f'a table cell reads {m["text"]!r} (row {m["row"]!r}) and the text above the table does not say why'
+                 for m in r['missing'] if not m['explained']]
     for link in r['links']:
         path, _, anchor = link.partition('#')
         target = site/unquote(path.lstrip('/'))

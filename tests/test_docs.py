@@ -59,3 +59,10 @@ def test_pages_have_api_docs(site, nb):
 def test_readme_in_sync():
     r = docs('readme', '--check', timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_readme_tables_are_markdown():
+    "GitHub drops <style> blocks: the README's tables are Markdown tables, not pandas HTML."
+    readme = (ROOT/'README.md').read_text(encoding='utf-8')
+    assert '<style' not in readme and '<table' not in readme, 'README.md has HTML tables: python tools/docs.py readme'
+    assert re.search(r'^\| method \|.*\n\|---\|', readme, re.M), 'README.md has no Markdown results table'
