@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ImageSet', 'image_set', 'load_npz_folder', 'load_image_folder',
-           'load_cifar', 'load_digits_data', 'load_data', 'train_val_split', 'balanced_subset', 'batch_indices',
-           'preprocess', 'random_crop_flip', 'cutmix']
+__all__ = ['DIGIT_TASKS', 'DATASETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ImageSet', 'image_set', 'load_npz_folder',
+           'load_image_folder', 'load_cifar', 'load_digits_data', 'load_data', 'train_val_split', 'balanced_subset',
+           'batch_indices', 'preprocess', 'random_crop_flip', 'cutmix']
 
 # %% ../nbs/00_data.ipynb #cac1720d
 from .core import FcloraError  # defined in 00_core; imported here too, as older code expects
@@ -108,24 +108,29 @@ def load_cifar(name:str, # "cifar10" or "cifar100"
     return tuple(image_set(s.data, np.array(s.targets), s.classes, f"{name} {sp}") for s, sp in zip(sets, ("train", "test")))
 
 # %% ../nbs/00_data.ipynb #529a9ae1
-def load_digits_data() -> tuple[ImageSet, ImageSet]:
-    "The embedded default: scikit-learn's 1,797 real 8x8 digits as RGB uint8; a fixed 1,500/297 train/test split."
+def load_digits_data(digits=range(10), # which digits to keep; they are relabelled 0, 1, ... in this order
+                    ) -> tuple[ImageSet, ImageSet]:
+    "scikit-learn's 1,797 real 8x8 digits as RGB uint8, a fixed 1,500/297 train/test split, only `digits` kept."
     from sklearn.datasets import load_digits
     d = load_digits()
     x = np.repeat((d.images * (255 / 16)).round().astype(np.uint8)[..., None], 3, axis=-1)
     order = np.random.default_rng(0).permutation(len(x))
-    classes = [str(i) for i in range(10)]
-    return image_set(x[order[:1500]], d.target[order[:1500]], classes, "digits train"), \
-           image_set(x[order[1500:]], d.target[order[1500:]], classes, "digits test")
+    digits = list(digits)
+    label = np.full(10, -1); label[digits] = np.arange(len(digits))   # digit -> new label (-1: dropped)
+    def part(idx, what):
+        idx = idx[label[d.target[idx]] >= 0]
+        return image_set(x[idx], label[d.target[idx]], [str(i) for i in digits], what)
+    return part(order[:1500], "digits train"), part(order[1500:], "digits test")
 
 # %% ../nbs/00_data.ipynb #7f21a257
-DATASETS = ("digits", "cifar10", "cifar100")
+DIGIT_TASKS = {"digits": range(10), "digits-0to4": range(5), "digits-5to9": range(5, 10)}
+DATASETS = (*DIGIT_TASKS, "cifar10", "cifar100")
 
-def load_data(dataset:str, # "digits", "cifar10", "cifar100", or a folder (npz or ImageFolder layout)
+def load_data(dataset:str, # a name in `DATASETS`, or a folder (npz or ImageFolder layout)
               root="data", # download folder for CIFAR
              ) -> tuple[ImageSet, ImageSet]:
     "Load `(train, test)` for a named dataset or a local folder."
-    if dataset == "digits": return load_digits_data()
+    if dataset in DIGIT_TASKS: return load_digits_data(DIGIT_TASKS[dataset])
     if dataset in ("cifar10", "cifar100"): return load_cifar(dataset, root)
     path = Path(dataset)
     if not path.exists():
