@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_lora.ipynb #88e10790
 from __future__ import annotations
-import functools, inspect, math
+import functools, importlib.resources, inspect, math
 from pathlib import Path
 
 import pandas as pd
@@ -15,8 +15,8 @@ from .core import FcloraError
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['RANDOM_MODELS', 'QKV_NAMES', 'HEAD_NAMES', 'LoRALinear', 'lora_param_count', 'load_model', 'image_stats',
-           'model_logits', 'find_qkv_modules', 'find_head_modules', 'param_table']
+__all__ = ['RANDOM_MODELS', 'PRETRAINED_MODELS', 'QKV_NAMES', 'HEAD_NAMES', 'LoRALinear', 'lora_param_count', 'model_path',
+           'load_model', 'image_stats', 'model_logits', 'find_qkv_modules', 'find_head_modules', 'param_table']
 
 # %% ../nbs/01_lora.ipynb #03467eac
 class LoRALinear(nn.Module):
@@ -51,8 +51,13 @@ RANDOM_MODELS = {  # name: (transformers model class, its config class, config o
     "random-dinov2-tiny": ("Dinov2ForImageClassification", "Dinov2Config", dict(_TINY, mlp_ratio=2)),
     "random-deit-base": ("DeiTForImageClassification", "DeiTConfig", {}),
 }
+PRETRAINED_MODELS = {"fclora-tiny-digits": "models/fclora-tiny-digits"}  # name: folder inside the fclora package
 
-def load_model(name:str, # hub id, local folder, or a key of `RANDOM_MODELS`
+def model_path(name:str) -> str:
+    "The folder of a model that ships with fclora (a key of `PRETRAINED_MODELS`); any other name unchanged."
+    return str(importlib.resources.files("fclora")/PRETRAINED_MODELS[name]) if name in PRETRAINED_MODELS else str(name)
+
+def load_model(name:str, # hub id, local folder, a key of `PRETRAINED_MODELS` or of `RANDOM_MODELS`
                num_labels:int, # classes of the new head
                image_size:int|None=None, # input size (random models are built for it)
                seed:int=0, # initialises the random models and the new head
@@ -66,15 +71,18 @@ def load_model(name:str, # hub id, local folder, or a key of `RANDOM_MODELS`
         model_cls, config_cls, kw = RANDOM_MODELS[name]
         config = getattr(transformers, config_cls)(num_labels=num_labels, **kw, **({"image_size": image_size} if image_size else {}))
         return getattr(transformers, model_cls)(config)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
+    hf_logging.disable_progress_bar()
     try:
-        return AutoModelForImageClassification.from_pretrained(name, num_labels=num_labels, ignore_mismatched_sizes=True)
+        return AutoModelForImageClassification.from_pretrained(model_path(name), num_labels=num_labels, ignore_mismatched_sizes=True)
     except Exception as e:
         hint = "" if Path(name).exists() else (" (no network? pass a local folder saved with save_pretrained, "
-                                               f"or one of {', '.join(RANDOM_MODELS)})")
+                                               f"or one of {', '.join([*PRETRAINED_MODELS, *RANDOM_MODELS])})")
         raise FcloraError(f"cannot load model '{name}': {type(e).__name__}: {str(e).splitlines()[0][:160]}{hint}") from None
-    finally: hf_logging.set_verbosity(verbosity)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar: hf_logging.enable_progress_bar()
 
 # %% ../nbs/01_lora.ipynb #886d2d08
 def image_stats(name:str) -> tuple[tuple, tuple]:
@@ -82,7 +90,7 @@ def image_stats(name:str) -> tuple[tuple, tuple]:
     if name not in RANDOM_MODELS:
         try:
             from transformers import AutoImageProcessor
-            p = AutoImageProcessor.from_pretrained(name)
+            p = AutoImageProcessor.from_pretrained(model_path(name))
             return tuple(p.image_mean), tuple(p.image_std)
         except Exception: pass
     return IMAGENET_MEAN, IMAGENET_STD
