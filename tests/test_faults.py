@@ -5,11 +5,12 @@ import os, signal, subprocess, time
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, HealthCheck, strategies as st
+from hypothesis import example, given, settings, HealthCheck, strategies as st
 
 from conftest import BIN, fclora, one_line_error, results
 
-QUICK = ["run", "cifar10", "--preset", "quick", "--no-progress"]
+QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
+         "--no-progress"]   # the quick preset, its model pinned (the checks below name its patch size, its 12 projections)
 VOLATILE = {"wall_clock_s", "peak_memory_mb", "path", "config"}   # what may differ between identical runs
 
 
@@ -90,37 +91,48 @@ def _wait_for_checkpoint(proc, ckpt, min_step, timeout=300):
     raise TimeoutError(ckpt)
 
 
+CUT = ["--method", "fclora", "--epochs", "3", "--train-subset", "500", "--ckpt-every-steps", "5"]   # 25 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    "An uninterrupted run: the reference for the resumed runs and for a second identical run."
+    out = tmp_path_factory.mktemp("ref")/"run"
+    assert fclora(*QUICK, *CUT, "--out-dir", out).returncode == 0
+    return results(out)
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_to_identical_results(tmp_path, how):
-    args = ["--method", "lora", "--epochs", "3", "--ckpt-every-steps", "5"]
-    assert fclora(*QUICK, *args, "--out-dir", tmp_path/"ref").returncode == 0
-    proc = _start(args, tmp_path/"cut")
+def test_interrupted_run_resumes_to_identical_results(tmp_path, how, reference):
+    proc = _start(CUT, tmp_path/"cut")
     _wait_for_checkpoint(proc, tmp_path/"cut/last.pt", 10)
     os.killpg(proc.pid, how)
     out, err = proc.communicate(timeout=120)
     if how == signal.SIGINT: assert "resume" in err, err[-2000:]
     assert not (tmp_path/"cut/results.json").exists()
     torch.load(tmp_path/"cut/last.pt", weights_only=False)             # the checkpoint left behind is intact
-    assert "--resume" in one_line_error(fclora(*QUICK, *args, "--out-dir", tmp_path/"cut"))
-    assert fclora(*QUICK, *args, "--out-dir", tmp_path/"cut", "--resume").returncode == 0
-    same_results(results(tmp_path/"cut"), results(tmp_path/"ref"))
+    assert "--resume" in one_line_error(fclora(*QUICK, *CUT, "--out-dir", tmp_path/"cut"))
+    assert fclora(*QUICK, *CUT, "--out-dir", tmp_path/"cut", "--resume").returncode == 0
+    same_results(results(tmp_path/"cut"), reference)
 
 
-def test_same_config_twice_is_identical(tmp_path):
-    for name in ("a", "b"): assert fclora(*QUICK, "--method", "fclora", "--epochs", "1", "--out-dir", tmp_path/name).returncode == 0
-    same_results(results(tmp_path/"a"), results(tmp_path/"b"))
+def test_same_config_twice_is_identical(tmp_path, reference):
+    assert fclora(*QUICK, *CUT, "--out-dir", tmp_path/"again").returncode == 0
+    same_results(results(tmp_path/"again"), reference)
 
 
-# ---- fuzzing the public configuration: every value either validates or fails with FcloraError
+# ---- fuzzing the public configuration: every value either validates or fails with FcloraError, and every
+# ---- valid configuration validates
 
-from fclora.data import FcloraError
+from fclora.core import FcloraError, METHODS
 from fclora.experiment import make_config, validate_config, run_experiment
 
 junk = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
                  st.text(max_size=6), st.tuples(st.floats(-1, 2), st.floats(-1, 2), st.floats(-1, 2)))
 FIELDS = ["method", "epochs", "batch_size", "eval_batch_size", "lr", "warmup_frac", "weight_decay", "label_smoothing",
           "cutmix_alpha", "cutmix_prob", "image_size", "rank_budget", "r_min", "r_max", "metric_weights",
-          "score_batches", "val_fraction", "train_subset", "test_subset", "seed", "precision", "device", "nproc"]
+          "score_batches", "val_fraction", "train_subset", "test_subset", "seed", "precision", "device", "nproc",
+          "nnodes", "node_rank", "master_addr", "master_port", "augment", "ckpt_every_steps"]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -130,13 +142,50 @@ def test_fuzzed_configs_validate_or_fail_clearly(overrides):
     except FcloraError as e: assert str(e) and "\n" not in str(e)
 
 
+@st.composite
+def valid_configs(draw):
+    "Every field drawn from its valid values (as the docs state them), the cross-field rules respected."
+    i = lambda lo, hi: draw(st.integers(lo, hi))
+    f = lambda lo, hi: draw(st.floats(lo, hi))
+    maybe = lambda s: draw(st.one_of(st.none(), s))
+    nproc, nnodes, r_min = i(1, 4), i(1, 3), i(1, 8)
+    return dict(method=draw(st.sampled_from(METHODS)), epochs=i(1, 100), batch_size=nproc * nnodes * i(1, 64),
+                eval_batch_size=i(1, 1024), lr=maybe(st.floats(1e-8, 1)), warmup_frac=maybe(st.floats(0, 0.99)),
+                weight_decay=f(0, 1), label_smoothing=f(0, 1), augment=draw(st.booleans()), cutmix_alpha=f(0, 10),
+                cutmix_prob=f(0, 1), image_size=i(1, 1024), rank_budget=i(1, 1000), r_min=r_min, r_max=i(r_min, 64),
+                metric_weights=draw(st.sampled_from([(0.6, 0.2, 0.2), (1.0, 0.0, 0.0), (0.0, 0.5, 0.5), (0.25, 0.25, 0.5)])),
+                score_batches=i(nproc * nnodes, 500), val_fraction=f(0.01, 0.99), train_subset=maybe(st.integers(1, 10**5)),
+                test_subset=maybe(st.integers(1, 10**5)), seed=i(0, 2**31), precision=draw(st.sampled_from(["auto", "fp32", "bf16"])),
+                device=draw(st.sampled_from(["auto", "cpu", "cuda"])), nproc=nproc, nnodes=nnodes, node_rank=i(0, nnodes - 1),
+                master_addr="127.0.0.1" if nnodes > 1 else maybe(st.just("10.0.0.1")), master_port=maybe(st.integers(1, 65535)),
+                ckpt_every_steps=i(0, 1000), compile=draw(st.booleans()))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(valid_configs())
+def test_valid_configs_validate(values):
+    validate_config(make_config("quick", **values))   # must not raise
+
+
+N_QKV = 12   # random-deit-tiny: 4 blocks x q/k/v
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@example(method="lora", budget=24, r_max=4, bs=16, subset=100)      # feasible: must run
+@example(method="fclora", budget=100, r_max=4, bs=8, subset=60)     # budget above 12 x 4: must be refused
 @given(method=st.sampled_from(["fclora", "lora", "linear"]), budget=st.integers(1, 200), r_max=st.integers(1, 20),
-       bs=st.integers(1, 64), subset=st.integers(20, 400))
+       bs=st.integers(1, 16), subset=st.integers(20, 400))
 def test_fuzzed_small_runs_run_or_fail_clearly(tmp_path_factory, method, budget, r_max, bs, subset):
+    "A run succeeds exactly when the rank budget is feasible (12 projections, ranks in [1, r_max]); else one clear error."
     out = tmp_path_factory.mktemp("fuzz")
-    cfg = make_config("quick", method=method, rank_budget=budget, r_max=r_max, batch_size=bs, train_subset=subset,
-                      epochs=1, out_dir=str(out/"run"), progress=False, score_batches=2)
+    cfg = make_config("quick", model_name="random-deit-tiny", dataset="digits", image_size=16, method=method,
+                      rank_budget=budget, r_max=r_max, batch_size=bs, train_subset=subset, epochs=1, out_dir=str(out/"run"),
+                      progress=False, score_batches=2)
+    feasible = N_QKV <= budget <= N_QKV * r_max
     try: r = run_experiment(cfg)
-    except FcloraError as e: assert str(e); return
-    if method != "linear": assert sum(r["ranks"].values()) == budget
+    except FcloraError as e:
+        assert not feasible and "infeasible" in str(e), (feasible, str(e)); return
+    assert feasible, "an infeasible budget was accepted"
+    if method != "linear":
+        assert sum(r["ranks"].values()) == budget and len(r["ranks"]) == N_QKV
+        assert all(1 <= v <= r_max for v in r["ranks"].values())

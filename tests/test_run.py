@@ -6,7 +6,9 @@ import pytest
 
 from conftest import BIN, ROOT, fclora, one_line_error, results
 
-METHODS = ["fclora", "lora", "adalora", "full", "linear", "random"]
+METHODS = ["fclora", "lora", "adalora", "full", "linear", "random", "eva"]
+QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
+         "--epochs", "2", "--train-subset", "600", "--no-progress"]   # the model pinned: the checks below use its shapes
 KEYS = ["method", "dataset", "model_name", "seed", "config", "test_accuracy", "test_loss", "ece", "ece_scaled", "mce",
         "temperature", "class_acc_mean", "class_acc_std", "params", "wall_clock_s", "peak_memory_mb", "ranks", "importance"]
 
@@ -16,7 +18,7 @@ def runs(tmp_path_factory):
     "One quick-preset run per method, through `fclora run` (papermill)."
     root = tmp_path_factory.mktemp("runs")
     for m in METHODS:
-        p = fclora("run", "cifar10", "--preset", "quick", "--method", m, "--epochs", "2", "--out-dir", root/m, "--no-progress")
+        p = fclora(*QUICK, "--method", m, "--out-dir", root/m)
         assert p.returncode == 0, (m, p.stderr[-3000:])
     return root
 
@@ -28,26 +30,40 @@ def test_results_complete_and_consistent(runs, method):
     assert set(r["wall_clock_s"]) == {"scoring", "training", "eval", "total"}
     assert set(r["params"]) == {"adapter", "head", "trainable", "total"}
     assert r["method"] == method and r["config"]["epochs"] == 2 and r["config"]["model_name"] == "random-deit-tiny"
+    assert [h["epoch"] for h in r["history"]] == [1, 2] and r["n_train"] == 480
+    assert r["history"][1]["train_loss"] < r["history"][0]["train_loss"]     # it learns (04_training's slow cell: 10 epochs)
     assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["ece"] <= 1 and r["temperature"] > 0
     p = r["params"]
     assert p["trainable"] == p["adapter"] + p["head"] or method == "full"
-    if method in ("fclora", "lora", "random", "adalora"):
+    if method in ("fclora", "lora", "random", "adalora", "eva"):
         assert sum(r["ranks"].values()) == r["config"]["rank_budget"] == 24
-    if method in ("fclora", "lora", "random"):
+    if method in ("fclora", "lora", "random", "eva"):
         assert p["adapter"] == sum(rank * (64 + 64) for rank in r["ranks"].values())   # r (d_in + d_out)
     if method == "fclora": assert sorted(r["importance"]) == sorted(r["ranks"])
+    if method == "eva": assert r["importance"] == {} and min(r["ranks"].values()) >= r["config"]["r_min"]   # EVA: ranks, no scores
+    assert sorted(f.name for f in (runs/method).iterdir()) == sorted(
+        ["config.json", "plan.json", "results.json", "10_cifar10.ipynb"] + (["adapter"] if method not in ("full", "linear") else []))
     if method == "linear": assert p["adapter"] == 0 and p["trainable"] == p["head"] == 650
-    assert (runs/method/"10_cifar10.ipynb").exists()          # the executed notebook beside results.json
-    assert not (runs/method/"last.pt").exists()                # a finished run keeps no checkpoint
+
+
+def test_fclora_ranks_are_its_own_scores_allocated(runs):
+    "End to end: results.json's ranks are allocate_ranks of results.json's own importance scores, and not uniform."
+    import pandas as pd
+    from fclora.allocation import allocate_ranks, uniform_ranks
+    r = results(runs/"fclora")
+    scores = pd.Series({n: v["score"] for n, v in r["importance"].items()})
+    assert r["ranks"] == allocate_ranks(scores, r["rank_budget"], r["config"]["r_min"], r["config"]["r_max"]).to_dict()
+    assert r["ranks"] != uniform_ranks(list(r["ranks"]), r["rank_budget"], r["config"]["r_min"], r["config"]["r_max"]).to_dict()
 
 
 def test_uniform_lora_is_uniform(runs):
     assert sorted(set(results(runs/"lora")["ranks"].values())) == [2]   # 24 over 12 projections
 
 
-def test_adapter_reloads_with_stock_peft(runs, tmp_path):
+@pytest.mark.parametrize("method", ["fclora", "eva"])
+def test_adapter_reloads_with_stock_peft(runs, tmp_path, method):
     "A fresh process, no fclora model code: transformers + peft rebuild the model and reproduce the test accuracy."
-    r = results(runs/"fclora")
+    r = results(runs/method)
     script = f"""
 import json, torch
 from transformers import DeiTConfig, DeiTForImageClassification
@@ -57,8 +73,8 @@ torch.manual_seed(0)                                   # the base's random init 
 cfg = DeiTConfig(num_labels=10, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                  patch_size=4, image_size=16)
 base = DeiTForImageClassification(cfg)
-model = PeftModel.from_pretrained(base, "{runs/'fclora'/'adapter'}").eval()
-ranks = {{k: v for k, v in model.peft_config["default"].rank_pattern.items()}}
+model = PeftModel.from_pretrained(base, "{runs/method/'adapter'}").eval()
+ranks = {{n: m.r["default"] for n, m in model.named_modules() if isinstance(getattr(m, "r", None), dict)}}   # each LoRA layer's rank
 _, test = load_data("digits")
 with torch.no_grad(): acc = (model(pixel_values=preprocess(test.x, 16)).logits.argmax(1) == test.y).float().mean().item()
 print(json.dumps(dict(acc=acc, n_ranks=len(ranks), total=sum(ranks.values()))))
@@ -76,11 +92,6 @@ def test_compare_prints_every_run(runs):
     for m in METHODS: assert m in p.stdout
 
 
-def test_finished_run_is_refused(runs):
-    p = fclora("run", "cifar10", "--preset", "quick", "--method", "fclora", "--out-dir", runs/"fclora")
-    assert "already holds a finished run" in one_line_error(p)
-
-
 def test_unreachable_download_says_what_to_do(tmp_path):
     "No network here: the CIFAR download fails with one line that says how to use local data (skip if it worked)."
     p = fclora("plan", "--model", "random-deit-tiny", "--dataset", "cifar10", "--data-root", tmp_path, "--score-batches", "1",
@@ -96,7 +107,7 @@ def test_papermill_directly_runs_cifar100_notebook(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     r = results(out)
-    assert r["method"] == "lora" and r["config"]["epochs"] == 1 and sum(r["ranks"].values()) == 24
+    assert r["method"] == "lora" and r["config"]["epochs"] == 1 and sum(r["ranks"].values()) == r["rank_budget"]
 
 
 def test_sweep_runs_methods_by_seeds_and_compare_aggregates(tmp_path):
