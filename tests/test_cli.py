@@ -93,12 +93,12 @@ def test_saved_cli_plan_equals_python_plan(shared, tmp_path):
     from fclora import Plan, plan      # (`fclora` here is conftest's command runner)
     from fclora.experiment import make_config, data_and_model, scoring_batches
     model_dir, data_dir = shared/"models/vit-small-patch14-imgfocus", shared/"data/cifar10"
-    p = fclora("plan", "--model-name", model_dir, "--dataset", data_dir, "--rank-budget", "82", "--score-batches", "4",
-               "--batch-size", "32", "--image-size", "112", "--seed", "3", "--quiet", "--save-config", tmp_path/"plan")
+    p = fclora("plan", "--model-name", model_dir, "--dataset", data_dir, "--rank-budget", "82", "--score-batches", "2",
+               "--batch-size", "16", "--image-size", "112", "--seed", "3", "--quiet", "--save-config", tmp_path/"plan")
     assert p.returncode == 0, p.stderr[-3000:]
-    cfg = make_config("paper", "cifar10", model_name=str(model_dir), dataset=str(data_dir), score_batches=4, batch_size=32,
+    cfg = make_config("paper", "cifar10", model_name=str(model_dir), dataset=str(data_dir), score_batches=2, batch_size=16,
                       image_size=112, seed=3, progress=False)
     (train, _, _), model, mean, std = data_and_model(cfg, torch.device("cpu"))
     mine = plan(model, scoring_batches(train, cfg, mean, std), 82, progress=False)
     saved = Plan.load(tmp_path/"plan")
-    assert saved.ranks == mine.ranks and sum(mine.ranks.values()) == 82 and saved.n_batches == 4
+    assert saved.ranks == mine.ranks and sum(mine.ranks.values()) == 82 and saved.n_batches == 2
