@@ -33,8 +33,8 @@ __all__ = ['PRESETS', 'FIELD_RULES', 'RUN_FILES', 'make_config', 'config_from', 
 # %% ../nbs/06_experiment.ipynb #3d805603
 PRESETS = {
     "paper": {"cifar10": dict(), "cifar100": dict(dataset="cifar100", epochs=15, rank_budget=129)},
-    "quick": {"*": dict(model_name="random-deit-tiny", dataset="digits", image_size=16, epochs=8, batch_size=16,
-                        eval_batch_size=256, rank_budget=24, score_batches=10, lr=3e-3)},
+    "quick": {"*": dict(model_name="fclora-tiny-digits", dataset="digits-5to9", image_size=16, epochs=5, batch_size=16,
+                        eval_batch_size=256, rank_budget=24, score_batches=10, lr=1e-2, augment=False, cutmix_prob=0.0)},
 }
 
 def make_config(preset:str="paper", # a key of PRESETS
