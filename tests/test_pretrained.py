@@ -1,0 +1,76 @@
+"""The pretrained model that ships with fclora (`fclora-tiny-digits`): it loads offline from the package, its
+features beat the same architecture's random ones on the target task, and (slow) the seeded script regenerates it."""
+import json, os, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+NAME = "fclora-tiny-digits"
+
+
+def _offline(code:str, tmp_path):
+    "Run `code` in a fresh Python with the Hugging Face hub switched off; return its last stdout line as JSON."
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path/"hf"), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_shipped_weights_load_offline(tmp_path):
+    "An empty Hugging Face cache and no hub: the model and its image processor come from the installed package."
+    got = _offline(f"""
+import json, fclora
+from pathlib import Path
+from fclora.lora import load_model, image_stats, model_path
+m = load_model("{NAME}", num_labels=5)
+folder = Path(model_path("{NAME}"))
+print(json.dumps(dict(inside=folder.is_relative_to(Path(fclora.__file__).parent), head=list(m.classifier.weight.shape),
+                      params=sum(p.numel() for p in m.parameters()), mb=(folder/"model.safetensors").stat().st_size / 2**20,
+                      stats=image_stats("{NAME}"))))""", tmp_path)
+    assert got["inside"] and got["head"] == [5, 64] and got["mb"] <= 2
+    assert got["params"] < 300_000
+    np.testing.assert_allclose(got["stats"], [(0.485, 0.456, 0.406), (0.229, 0.224, 0.225)])
+
+
+def _probe_accuracy(model, train, test) -> float:
+    "Test accuracy of a logistic regression on the frozen [CLS] features (a linear probe)."
+    from sklearn.linear_model import LogisticRegression
+    from fclora.data import preprocess
+    model.eval()
+    with torch.no_grad():
+        f = [model(pixel_values=preprocess(d.x, 16), output_hidden_states=True).hidden_states[-1][:, 0].numpy()
+             for d in (train, test)]
+    return LogisticRegression(max_iter=2000).fit(f[0], train.y.numpy()).score(f[1], test.y.numpy())
+
+
+def test_pretrained_backbone_beats_random_init_on_the_target_task():
+    "Linear probes on digits-5to9, digits the model never saw: the pretrained backbone against the same DeiT at random."
+    from fclora.data import load_data
+    from fclora.lora import load_model
+    torch.set_num_threads(1)
+    train, test = load_data("digits-5to9")
+    pre = _probe_accuracy(load_model(NAME, 5, seed=0), train, test)
+    rnd = _probe_accuracy(load_model("random-deit-tiny", 5, image_size=16, seed=0), train, test)
+    assert pre >= 0.85 and pre - rnd >= 0.25, (pre, rnd)
+
+
+@pytest.mark.slow
+def test_seeded_recipe_regenerates_the_shipped_weights(tmp_path):
+    "tools/pretrain_tiny.py, rerun from scratch, gives the shipped model: the same features to float tolerance."
+    p = subprocess.run([sys.executable, str(ROOT/"tools"/"pretrain_tiny.py"), "--out", str(tmp_path/"m")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    from fclora.data import load_data, preprocess
+    from fclora.lora import load_model
+    _, test = load_data("digits")
+    x = preprocess(test.x, 16)
+    feats = []
+    for name in (NAME, str(tmp_path/"m")):
+        m = load_model(name, 5, seed=0).eval()
+        with torch.no_grad(): feats.append(m(pixel_values=x, output_hidden_states=True).hidden_states[-1])
+    torch.testing.assert_close(feats[1], feats[0], rtol=1e-4, atol=1e-5)
+    shipped = json.loads((ROOT/"fclora"/"models"/NAME/"config.json").read_text())["fclora_pretraining"]
+    assert json.loads((tmp_path/"m"/"config.json").read_text())["fclora_pretraining"] == shipped
