@@ -78,7 +78,7 @@ def paired_difference(results:list[dict], a:str="fclora", b:str="lora", metric:s
     mu, sd, ci = mean_ci(d) if d else (float("nan"),) * 3
     return dict(a=a, b=b, metric=metric, seeds=seeds, diffs=d, mean=mu, std=sd, ci95=ci, low=mu - ci, high=mu + ci)
 
-# %% ../nbs/07_report.ipynb #cefa459b
+# %% ../nbs/07_report.ipynb #772b6ab5
 STUDY_METRICS = {  # metric: (column heading, scale, format)
     "test_accuracy": ("test accuracy %", 100, ".1f"), "ece": ("ECE %", 100, ".1f"),
     "ece_scaled": ("ECE after scaling %", 100, ".1f"), "test_loss": ("test loss", 1, ".3f")}
