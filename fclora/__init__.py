@@ -7,5 +7,9 @@ __version__ = "0.1.0"
 __all__ = ['plan', 'Plan']
 
 # %% ../nbs/index.ipynb #3fff8d3f
-from .planner import plan, Plan   # the package's front door: fclora.plan, fclora.Plan
+def __getattr__(name):  # the package's front door, fclora.plan and fclora.Plan: imported on first use (they need torch
+    if name in ("plan", "Plan"):  # and peft; the `fclora` command and `import fclora.core` start without them)
+        from fclora import planner
+        return getattr(planner, name)
+    raise AttributeError(f"module 'fclora' has no attribute {name!r}")
 _all_ = ["plan", "Plan"]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from peft import LoraConfig
 
-from .core import FcloraError
+from .core import FcloraError, check_rank_bounds
 from .lora import QKV_NAMES
 
 # %% auto #0
@@ -25,7 +25,7 @@ def check_budget(n:int, budget, r_min:int=R_MIN, r_max:int=R_MAX):
     "Raise a clear error unless n layers can take `budget` ranks within [r_min, r_max]."
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (budget, r_min, r_max)):
         raise FcloraError(f"rank budget and bounds must be integers, got budget={budget!r}, r_min={r_min!r}, r_max={r_max!r}")
-    if not 1 <= r_min <= r_max: raise FcloraError(f"rank bounds need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
+    check_rank_bounds(r_min, r_max)
     if not n * r_min <= budget <= n * r_max:
         raise FcloraError(f"rank budget {budget} is infeasible for {n} layers with ranks in [{r_min}, {r_max}]: "
                           f"it must lie in [{n * r_min}, {n * r_max}]")

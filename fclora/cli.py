@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import FcloraError
-from .lora import param_table
-from .allocation import rank_grid
-from . import planner
-from .core import Config
-from .training import resolve_device, autocast_dtype
-from .experiment import PRESETS, make_config, validate_config, check_out_dir, data_and_model, scoring_batches
-from .report import load_results, summary_table, aggregate, paired_difference
+from .core import FcloraError, Config, PRESETS, make_config, validate_config, check_out_dir
+# torch, transformers and peft are imported by the commands that need them (plan, compare, a node's run), so that
+# `fclora --help`, a bad option, or a run whose checks fail answers in a second, not after ~7 s of imports
 
 # %% auto #0
 __all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'add_config_options', 'config_overrides', 'add_plan_options', 'parse_targets',
@@ -80,8 +75,13 @@ def parse_targets(text:str|None):
     names = text.split(",")
     return names if all(re.fullmatch(r"[\w.]+", n) for n in names) else text
 
-def plan_command(args) -> planner.Plan:
-    "`fclora plan`: score and allocate for a model and dataset; print the tables, write --json and --save-config."
+def plan_command(args):
+    "`fclora plan`: score and allocate for a model and dataset; print the tables, write --json and --save-config; return the `Plan`."
+    from fclora import planner
+    from fclora.lora import param_table
+    from fclora.allocation import rank_grid
+    from fclora.training import resolve_device, autocast_dtype
+    from fclora.experiment import data_and_model, scoring_batches
     planner.check_budget_unit(args.budget_unit)
     overrides = config_overrides(args)
     variant = overrides.get("dataset") if overrides.get("dataset") in PRESETS[args.preset] else "cifar10"
@@ -200,6 +200,7 @@ def sweep(experiment:str,
 # %% ../nbs/08_cli.ipynb #fa86557e
 def compare(paths, csv:str|None=None, agg_csv:str|None=None) -> pd.DataFrame:
     "Print the runs under `paths` side by side; with several seeds, also mean ± std and 95% CIs."
+    from fclora.report import load_results, summary_table, aggregate, paired_difference
     results = load_results(*paths)
     if not results: raise FcloraError(f"no results.json under {', '.join(map(str, paths))}")
     table = summary_table(results)

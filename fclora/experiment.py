@@ -15,84 +15,20 @@ from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .core import FcloraError, Config, METHODS
+from .core import (FcloraError, Config, METHODS, PRESETS, make_config, config_from, validate_config, RUN_FILES,
+                         check_out_dir, prepare_out_dir)
 from .data import ImageSet, load_data, train_val_split, balanced_subset, batch_indices, preprocess
 from .lora import load_model, image_stats, find_qkv_modules, find_head_modules, param_table, RANDOM_MODELS
-from .importance import score_modules, check_metric_weights
+from .importance import score_modules
 from .allocation import allocate_ranks, uniform_ranks, check_budget, lora_config
 from .eva import eva_ranks, eva_lora_config, init_eva
 from .training import train, predict, resolve_device, autocast_dtype, atomic_save, atomic_write_json, world, steps_per_epoch, from_rank0
 from .calibration import fit_temperature, evaluate_logits, calibration_bins
 
 # %% auto #0
-__all__ = ['PRESETS', 'FIELD_RULES', 'RUN_FILES', 'make_config', 'config_from', 'validate_config', 'prepare_data',
-           'scoring_batches', 'plan_ranks', 'adapt_model', 'adalora_ranks', 'check_out_dir', 'prepare_out_dir',
-           'run_device', 'data_and_model', 'total_steps', 'plan_or_resume', 'for_training', 'evaluate_and_calibrate',
-           'peak_memory_mb', 'param_counts', 'write_results', 'run_experiment', 'torchrun_command']
-
-# %% ../nbs/06_experiment.ipynb #3d805603
-PRESETS = {
-    "paper": {"cifar10": dict(), "cifar100": dict(dataset="cifar100", epochs=15, rank_budget=129)},
-    "quick": {"*": dict(model_name="fclora-tiny-digits", dataset="digits-5to9", image_size=16, epochs=5, batch_size=16,
-                        eval_batch_size=256, rank_budget=24, score_batches=10, lr=1e-2, augment=False, cutmix_prob=0.0)},
-}
-
-def make_config(preset:str="paper", # a key of PRESETS
-                variant:str="cifar10", # the preset's variant: the experiment, "cifar10" or "cifar100"
-                **overrides) -> Config:
-    "A `Config` from a preset plus overrides; `None` overrides are ignored (they mean: keep the preset's)."
-    if preset not in PRESETS: raise FcloraError(f"unknown preset '{preset}': use one of {', '.join(PRESETS)}")
-    variants = PRESETS[preset]
-    base = variants.get(variant, variants.get("*"))
-    if base is None: raise FcloraError(f"preset '{preset}' has no variant '{variant}' (it has {', '.join(variants)})")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-    if unknown: raise FcloraError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
-    return Config(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-# %% ../nbs/06_experiment.ipynb #968da142
-def config_from(preset:str, variant:str, namespace:dict) -> Config:
-    "`make_config` from the `Config` fields found in `namespace` (e.g. a notebook's `globals()`)."
-    return make_config(preset, variant, **{f.name: namespace[f.name] for f in dataclasses.fields(Config) if f.name in namespace})
-
-# %% ../nbs/06_experiment.ipynb #895da60e
-def _int(v): return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-def _num(v): return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-def _optional(ok): return lambda v: v is None or ok(v)
-
-FIELD_RULES = {  # field: (is the value valid?, what a valid value is)
-    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
-    "arm": (_optional(lambda v: isinstance(v, str) and re.fullmatch(r"[\w.-]+", v) is not None), "a name of letters, digits, _ . - or None"),
-    **{f: (lambda v: _int(v) and v >= 1, "a positive integer")
-       for f in ("epochs", "batch_size", "eval_batch_size", "image_size", "score_batches", "rank_budget", "nproc", "nnodes")},
-    **{f: (_optional(lambda v: _int(v) and v >= 1), "a positive integer or None") for f in ("train_subset", "test_subset")},
-    **{f: (lambda v: _int(v) and v >= 0, "a non-negative integer") for f in ("seed", "ckpt_every_steps", "node_rank")},
-    "val_fraction": (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)"),
-    **{f: (lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]") for f in ("cutmix_prob", "label_smoothing")},
-    "lr": (_optional(lambda v: _num(v) and v > 0), "a positive number or None"),
-    "warmup_frac": (_optional(lambda v: _num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
-    **{f: (lambda v: _num(v) and v >= 0, "a non-negative number") for f in ("weight_decay", "cutmix_alpha", "lora_scaling")},
-    "precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-    "master_addr": (_optional(lambda v: isinstance(v, str) and v != ""), "a host name or address, or None"),
-    "master_port": (_optional(lambda v: _int(v) and 0 < v < 65536), "a port number (1-65535) or None"),
-    **{f: (lambda v: isinstance(v, bool), "True or False") for f in ("augment", "compile", "resume", "overwrite", "progress")},
-}
-
-def validate_config(cfg:Config):
-    "Raise `FcloraError` for any value that cannot work."
-    for name, (ok, what) in FIELD_RULES.items():
-        v = getattr(cfg, name)
-        if not ok(v): raise FcloraError(f"{name} must be {what}, got {v!r}")
-    check_budget(1, cfg.r_min, cfg.r_min, cfg.r_max)   # checks the bounds themselves
-    check_metric_weights(cfg.metric_weights)
-    n = cfg.world_size()
-    if cfg.batch_size % n:
-        raise FcloraError(f"batch_size={cfg.batch_size} is the global batch and must split evenly over the {n} processes "
-                          f"(nproc x nnodes); use a multiple of {n}")
-    if cfg.method == "fclora" and cfg.score_batches < n:
-        raise FcloraError(f"score_batches={cfg.score_batches} gives some of the {n} processes no batch to score")
-    if cfg.node_rank >= cfg.nnodes: raise FcloraError(f"node_rank={cfg.node_rank} must be below nnodes={cfg.nnodes}")
-    if cfg.nnodes > 1 and not cfg.master_addr: raise FcloraError(f"nnodes={cfg.nnodes} needs master_addr (node 0's address)")
+__all__ = ['prepare_data', 'scoring_batches', 'plan_ranks', 'adapt_model', 'adalora_ranks', 'run_device', 'data_and_model',
+           'total_steps', 'plan_or_resume', 'for_training', 'evaluate_and_calibrate', 'peak_memory_mb', 'param_counts',
+           'write_results', 'run_experiment', 'torchrun_command']
 
 # %% ../nbs/06_experiment.ipynb #5adf4e0e
 def prepare_data(cfg:Config) -> tuple[ImageSet, ImageSet, ImageSet]:
@@ -166,27 +102,6 @@ def adalora_ranks(model) -> dict:
     # peft internals: the singular values `lora_E` that AdaLoRA masks to zero
     return {n.removeprefix("base_model.model."): int((m.lora_E["default"] != 0).sum())
             for n, m in model.named_modules() if hasattr(m, "lora_E") and "default" in getattr(m, "lora_E", {})}
-
-# %% ../nbs/06_experiment.ipynb #a70389ae
-RUN_FILES = ("config.json", "plan.json", "eva_init.pt", "results.json", "error.json", "last.pt", "adapter")
-
-def check_out_dir(cfg:Config) -> Path:
-    "`cfg.out_dir`, unless it holds a finished run (and no overwrite) or an unfinished one (and no resume)."
-    out = Path(cfg.get_out_dir())
-    if (out/"results.json").exists() and not cfg.overwrite:
-        raise FcloraError(f"{out} already holds a finished run; pass overwrite=True (--overwrite) or use another out_dir")
-    if (out/"config.json").exists() and not (out/"results.json").exists() and not (cfg.resume or cfg.overwrite):
-        raise FcloraError(f"{out} holds an unfinished run; pass resume=True (--resume) to continue it, or overwrite=True")
-    return out
-
-def prepare_out_dir(cfg:Config) -> Path:
-    "Check, then create or clean, `cfg.out_dir` for a new, resumed or overwritten run."
-    out = check_out_dir(cfg)
-    if cfg.overwrite and not cfg.resume:  # remove the old run's files, nothing else
-        for f in RUN_FILES: shutil.rmtree(out/f) if (out/f).is_dir() else (out/f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out/"error.json").unlink(missing_ok=True)
-    return out
 
 # %% ../nbs/06_experiment.ipynb #5e458590
 def run_device(cfg:Config) -> torch.device:

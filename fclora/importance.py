@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .core import FcloraError
+from .core import FcloraError, check_metric_weights   # (the weights' rule is a Config rule: 00_core)
 from .lora import QKV_NAMES, find_qkv_modules, model_logits
 
 # %% auto #0
 __all__ = ['METRIC_WEIGHTS', 'RunningMoments', 'layer_shape', 'find_target_modules', 'batch_loss', 'collect_importance',
-           'reduce_importance', 'check_metric_weights', 'minmax', 'importance_table', 'score_modules']
+           'reduce_importance', 'minmax', 'importance_table', 'score_modules']
 
 # %% ../nbs/02_importance.ipynb #9343abfe
 class RunningMoments:
@@ -201,15 +201,6 @@ def reduce_importance(stats:dict) -> dict:
 
 # %% ../nbs/02_importance.ipynb #ce6e58f3
 METRIC_WEIGHTS = (0.6, 0.2, 0.2)  # Fisher, gradient magnitude, covariance trace: the note's weights
-
-def check_metric_weights(weights) -> tuple[float, float, float]:
-    "Three finite, non-negative weights summing to 1, or a clear error."
-    try: w = tuple(float(v) for v in weights)
-    except (TypeError, ValueError): raise FcloraError(f"metric weights must be three numbers, got {weights!r}") from None
-    if len(w) != 3 or not all(np.isfinite(w)) or min(w) < 0 or abs(sum(w) - 1) > 1e-6:
-        raise FcloraError(f"metric weights must be three non-negative numbers summing to 1 (Fisher, gradient, "
-                          f"covariance), got {weights!r}")
-    return w
 
 def minmax(v:pd.Series) -> pd.Series:
     "Rescale to [0, 1]; all zeros when every value is the same."

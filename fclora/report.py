@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from scipy import stats
 
-from .allocation import rank_grid, block_and_projection
-from .importance import minmax
+# (the two figures that need allocation/importance import them, so that reading results, as `fclora compare`
+# does, needs no torch, transformers or peft)
 
 # %% auto #0
 __all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'STUDY_METRICS', 'NOTE_NUMBERS', 'load_results', 'summary_table',
@@ -109,6 +109,7 @@ def with_note_column(table:pd.DataFrame, dataset:str, column:str) -> pd.DataFram
 # %% ../nbs/07_report.ipynb #e9383fb3
 def plot_rank_heatmap(result:dict, ax=None, title:str|None=None):
     "Ranks per block (rows) and projection (columns), annotated."
+    from fclora.allocation import rank_grid
     grid = rank_grid(result["ranks"])
     ax = ax or plt.subplots(figsize=(2.6, 0.28 * len(grid) + 1))[1]
     sns.heatmap(grid, annot=True, fmt="d", cmap="rocket_r", cbar=False, ax=ax, vmin=0,
@@ -119,6 +120,8 @@ def plot_rank_heatmap(result:dict, ax=None, title:str|None=None):
 
 def plot_importance(result:dict, ax=None):
     "The three min-max normalised metrics and the composite score, per module in model order."
+    from fclora.importance import minmax
+    from fclora.allocation import block_and_projection
     imp = pd.DataFrame(result["importance"]).T
     for c in ("fisher", "grad", "cov"): imp[c] = minmax(imp[c])
     ax = ax or plt.subplots(figsize=(10, 3))[1]

@@ -8,11 +8,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent           # console scripts of this environment
 SHARED = ROOT.parent/"shared"               # read-only real data and model, when present
+# pytest runs two workers (pyproject.toml: -n 2) on the 2 cores CI has, so each command gets one thread; runs that are
+# compared with each other (resume, same seed twice) get the same number, which is all their equality needs
+THREADS = os.environ.get("OMP_NUM_THREADS", "1")
 
 
 def fclora(*args, cwd=None, timeout=900, env=None):
     "Run the `fclora` command; return the CompletedProcess (text)."
-    e = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **(env or {}))
+    e = dict(os.environ, OMP_NUM_THREADS=THREADS, **(env or {}))
     return subprocess.run([str(BIN/"fclora"), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
 
 

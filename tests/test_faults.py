@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings, HealthCheck, strategies as st
 
-from conftest import BIN, fclora, one_line_error, results
+from conftest import BIN, THREADS, fclora, one_line_error, results
 
 QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
          "--no-progress"]   # the quick preset, its model pinned (the checks below name its patch size, its 12 projections)
@@ -37,21 +37,15 @@ def no_qkv_model(tmp_path_factory):
 
 
 def bad_inputs(tmp, no_qkv):
-    x = np.zeros((40, 8, 8, 3), np.uint8); y = np.arange(40) % 10
+    """One bad input per place a run can find it: the command's own check (before any import of torch), the kernel
+    loading the data, the kernel loading the model, and the plan against the model. Which values are bad, and the
+    words of each error, are the notebooks' tests (00_core, 00_data, 01_lora, 02_importance, 03_allocation, 06_experiment);
+    here: that each place turns its error into one line and exit 2, and writes nothing but error.json."""
     return [
-        (["--rank-budget", "1000"], "infeasible"),
-        (["--r-min", "5", "--r-max", "2"], "r_min <= r_max"),
-        (["--metric-weights", "0.5,0.5,0.5"], "summing to 1"),
-        (["--metric-weights", "1.2,-0.1,-0.1"], "non-negative"),
-        (["--method", "qlora"], "method must be one of"),
-        (["--model-name", str(no_qkv)], "no query/key/value"),
-        (["--dataset", str(tmp/"missing")], "unknown dataset"),
-        (["--dataset", str(_npz(tmp/"bad-shape", x[..., 0], y))], "shape (N, H, W, 3)"),
-        (["--dataset", str(_npz(tmp/"bad-labels", x, y, yt=y + 5))], "labels must lie in"),
-        (["--train-subset", "99999"], "train_subset=99999"),
-        (["--image-size", "18"], "not divisible by the model's patch size"),
-        (["--epochs", "0"], "epochs must be"),
-        (["--model-name", str(tmp/"no-such-model")], "cannot load model"),
+        (["--epochs", "0"], "epochs must be"),                              # fclora run's check, no kernel started
+        (["--dataset", str(tmp/"missing")], "unknown dataset"),             # the kernel, loading the data
+        (["--model-name", str(no_qkv)], "no query/key/value"),              # the kernel, loading the model
+        (["--rank-budget", "1000"], "infeasible"),                          # the kernel, planning on the model
     ]
 
 
@@ -74,7 +68,7 @@ def test_out_dir_policies(tmp_path):
 
 
 def _start(args, out):
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))   # as `fclora()` does: same threads, same sums
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS)   # as `fclora()` does: same threads, same sums
     return subprocess.Popen([str(BIN/"fclora"), *QUICK, *args, "--out-dir", str(out)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
