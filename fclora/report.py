@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_report.ipynb #dab3b6d3
 from __future__ import annotations
-import json, math
+import itertools, json, math
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,10 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'STUDY_METRICS', 'NOTE_NUMBERS', 'load_results', 'summary_table',
-           'mean_ci', 'aggregate', 'paired_difference', 'study_table', 'with_note_column', 'plot_rank_heatmap',
-           'plot_importance', 'plot_reliability_bins', 'plot_reliability', 'plot_accuracy_vs_params',
-           'plot_training_curves', 'plot_run']
+           'mean_ci', 'aggregate', 'paired_difference', 'study_table', 'detectable_difference', 'decision_table',
+           'allocation_correlation', 'allocation_agreement', 'allocation_stability', 'budget_shares',
+           'with_note_column', 'plot_rank_heatmap', 'plot_importance', 'plot_reliability_bins', 'plot_reliability',
+           'plot_accuracy_vs_params', 'plot_training_curves', 'plot_run']
 
 # %% ../nbs/07_report.ipynb #53f219ed
 def load_results(*paths) -> list[dict]:
@@ -93,6 +94,53 @@ def study_table(agg:pd.DataFrame, metrics=tuple(STUDY_METRICS)) -> pd.DataFrame:
         out[head] = [_mean_std(mu, sd, scale, fmt) for mu, sd in zip(agg[f"{m} mean"], agg[f"{m} std"])]
     out.index = pd.Index([METHOD_LABELS.get(m, m) for m in agg.index], name="method")  # relabel last: `agg` aligns on its own index
     return out
+
+# %% ../nbs/07_report.ipynb #a9d6a806
+def detectable_difference(sd:float, n:int, level:float=0.95, power:float=0.8) -> float:
+    "The true paired difference that `n` seeds (differences with std `sd`) detect with `power` in a two-sided t test."
+    if n < 2: return float("nan")
+    return float((stats.t.ppf((1 + level) / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+def decision_table(results:list[dict], pairs, metric:str="test_accuracy", scale:float=100) -> pd.DataFrame:
+    "One row per (A, B) in `pairs`: paired seeds, mean A - B with its 95% CI, the bound on any gain, the detectable difference."
+    rows = []
+    for a, b in pairs:
+        d = paired_difference(results, a, b, metric)
+        n = len(d["seeds"])
+        decided = n > 1 and (d["low"] > 0 or d["high"] < 0)
+        rows.append({"A": a, "B": b, "seeds": n, "A - B": scale * d["mean"], "CI low": scale * d["low"], "CI high": scale * d["high"],
+                     "verdict": ("A better" if d["low"] > 0 else "B better") if decided else "undecided",
+                     "gain of A below": scale * d["high"], "detectable": scale * detectable_difference(d["std"], n)})
+    return pd.DataFrame(rows)
+
+def allocation_correlation(a:dict, b:dict) -> float:
+    "Spearman rank correlation of two runs' per-layer ranks, over the layers both adapt (NaN if either is uniform)."
+    names = sorted(set(a["ranks"]) & set(b["ranks"]))
+    x, y = [a["ranks"][n] for n in names], [b["ranks"][n] for n in names]
+    if len(set(x)) < 2 or len(set(y)) < 2: return float("nan")
+    return float(stats.spearmanr(x, y).statistic)
+
+def _runs_of(results, arm): return {r["seed"]: r for r in results if r.get("arm", r["method"]) == arm}
+
+def allocation_agreement(results:list[dict], a:str, b:str) -> pd.Series:
+    "Per seed both arms ran: the rank correlation of arm `a`'s allocation with arm `b`'s."
+    ra, rb = _runs_of(results, a), _runs_of(results, b)
+    return pd.Series({s: allocation_correlation(ra[s], rb[s]) for s in sorted(set(ra) & set(rb))}, name=f"{a} vs {b}", dtype=float)
+
+def allocation_stability(results:list[dict], arm:str) -> pd.Series:
+    "For every pair of the arm's seeds: the rank correlation of their allocations (1: the same order every time)."
+    runs = _runs_of(results, arm)
+    return pd.Series({f"{s}-{t}": allocation_correlation(runs[s], runs[t]) for s, t in itertools.combinations(sorted(runs), 2)},
+                     name=arm, dtype=float)
+
+def budget_shares(results:list[dict], arm:str) -> tuple[pd.Series, pd.Series]:
+    "The arm's mean share of its total rank by projection (q, k, v) and by block, over its seeds."
+    from fclora.allocation import block_and_projection
+    rows = [(s, *block_and_projection(n), rank / sum(r["ranks"].values()))
+            for s, r in _runs_of(results, arm).items() for n, rank in r["ranks"].items()]
+    df = pd.DataFrame(rows, columns=["seed", "block", "projection", "share"])
+    per_seed = lambda key: df.groupby(["seed", key])["share"].sum().groupby(key).mean()
+    return per_seed("projection"), per_seed("block")
 
 # %% ../nbs/07_report.ipynb #ff8dea8f
 NOTE_NUMBERS = {  # (dataset, method): {column: value}; source: the FC-LoRA note, as quoted in the project brief

@@ -72,3 +72,28 @@ def test_finished_runs_follow_the_file(arms):
         got = {k: r["config"][k] for k in want if k != "progress"}
         assert got == {k: v for k, v in want.items() if k != "progress"}, f
         assert r.get("arm", r["method"]) == arm and sum(r["ranks"].values()) == want["rank_budget"], f
+
+
+def test_committed_tables_are_the_runs_aggregated():
+    """`runs.csv` and `aggregate.csv` (written by `fclora compare` whenever runs are committed, interim or final) are
+    exactly what the report code computes from the committed runs: a run added without re-aggregating fails here."""
+    import pandas as pd
+    from fclora.report import load_results, aggregate, summary_table
+    runs = load_results(STUDY)
+    assert runs, "no committed study II run"
+    committed = pd.read_csv(STUDY/"aggregate.csv", index_col="method")
+    pd.testing.assert_frame_equal(aggregate(runs), committed, check_dtype=False, rtol=1e-9, atol=1e-12)
+    table = pd.read_csv(STUDY/"runs.csv")
+    assert sorted(zip(table.method, table.seed)) == sorted((r.get("arm", r["method"]), r["seed"]) for r in runs)
+    assert committed["seeds"].sum() == len(runs) == len(list(STUDY.glob("*-seed*/results.json")))
+
+
+def test_gpu_arms_are_the_cpu_study_at_224_px(arms):
+    "benchmarks/gpu_study.sh runs the same arms (same overrides) and recipe, at 224 px on CUDA, with fewer seeds."
+    settings, cpu_arms = arms
+    gpu_settings, gpu_arms = load_arms(STUDY.parent/"study2-gpu-vits-cifar10"/"arms.json")
+    assert gpu_settings == {**settings, "image_size": 224, "device": "cuda"}
+    assert {a: {k: v for k, v in o.items() if k != "seeds"} for a, o in gpu_arms.items()} == \
+           {a: {k: v for k, v in o.items() if k != "seeds"} for a, o in cpu_arms.items()}
+    for arm, seed, over in sweep_runs(gpu_arms, [0]):
+        validate_config(make_config("paper", "cifar10", **{**gpu_settings, **over}, seed=seed, arm=arm))
