@@ -17,22 +17,24 @@ from .lora import model_logits
 from .allocation import R_MIN, R_MAX, LORA_SCALING, lora_config
 
 # %% auto #0
-__all__ = ['EVA_RHO', 'eva_lora_config', 'eva_components', 'bound_ranks', 'init_eva', 'eva_ranks']
+__all__ = ['EVA_RHO', 'EVA_WHITEN', 'eva_lora_config', 'eva_components', 'bound_ranks', 'init_eva', 'eva_ranks']
 
 # %% ../nbs/03a_eva.ipynb #c72ba4d8
 EVA_RHO = 2.0  # peft's recommended rho for EVA with redistribution: a layer may take up to 2x its starting rank
+EVA_WHITEN = True  # whiten the singular vectors (peft: beneficial for EVA in vision; better on validation here)
 
 def eva_lora_config(ranks:dict|pd.Series, # {full module name: rank}
                     head_names:list[str], # trained and saved with the adapter
                     scaling:float=LORA_SCALING, # alpha_i = scaling * r_i
                     rho:float=EVA_RHO, # EVA's redistribution factor (>= 1)
                     r_max:int=R_MAX, # no layer may reach more than this
+                    whiten:bool=EVA_WHITEN, # peft's `EvaConfig.whiten`
                    ) -> LoraConfig:
     "`lora_config` with EVA initialisation; rho is lowered if needed so that round(rho * r) <= r_max for every layer."
     ranks = {k: int(v) for k, v in dict(ranks).items()}
     if rho < 1: raise FcloraError(f"EVA's rho must be >= 1, got {rho}")
     rho = max(1.0, min(rho, r_max / max(ranks.values())))
-    return lora_config(ranks, head_names, scaling, init_lora_weights="eva", eva_config=EvaConfig(rho=rho))
+    return lora_config(ranks, head_names, scaling, init_lora_weights="eva", eva_config=EvaConfig(rho=rho, whiten=whiten))
 
 # %% ../nbs/03a_eva.ipynb #4e5cd6ce
 def _forward(dtype):
