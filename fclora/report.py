@@ -102,14 +102,15 @@ def detectable_difference(sd:float, n:int, level:float=0.95, power:float=0.8) ->
     return float((stats.t.ppf((1 + level) / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
 def decision_table(results:list[dict], pairs, metric:str="test_accuracy", scale:float=100) -> pd.DataFrame:
-    "One row per (A, B) in `pairs`: paired seeds, mean A - B with its 95% CI, the bound on any gain, the detectable difference."
+    "One row per (A, B) in `pairs`: paired seeds, mean A - B with its 95% CI, a verdict (from 3 seeds), the bound on any gain, the detectable difference."
     rows = []
     for a, b in pairs:
         d = paired_difference(results, a, b, metric)
         n = len(d["seeds"])
-        decided = n > 1 and (d["low"] > 0 or d["high"] < 0)
+        verdict = ("too few seeds" if n < 3 else  # two seeds can agree by chance and give a CI of width 0
+                   "A better" if d["low"] > 0 else "B better" if d["high"] < 0 else "undecided")
         rows.append({"A": a, "B": b, "seeds": n, "A - B": scale * d["mean"], "CI low": scale * d["low"], "CI high": scale * d["high"],
-                     "verdict": ("A better" if d["low"] > 0 else "B better") if decided else "undecided",
+                     "verdict": verdict,
                      "gain of A below": scale * d["high"], "detectable": scale * detectable_difference(d["std"], n)})
     return pd.DataFrame(rows)
 
