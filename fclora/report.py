@@ -17,9 +17,9 @@ from scipy import stats
 # does, needs no torch, transformers or peft)
 
 # %% auto #0
-__all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'STUDY_METRICS', 'NOTE_NUMBERS', 'load_results', 'summary_table',
-           'mean_ci', 'aggregate', 'paired_difference', 'study_table', 'detectable_difference', 'decision_table',
-           'allocation_correlation', 'allocation_agreement', 'allocation_stability', 'budget_shares',
+__all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'STUDY_METRICS', 'LOWER_IS_BETTER', 'NOTE_NUMBERS', 'load_results',
+           'summary_table', 'mean_ci', 'aggregate', 'paired_difference', 'study_table', 'detectable_difference',
+           'decision_table', 'allocation_correlation', 'allocation_agreement', 'allocation_stability', 'budget_shares',
            'with_note_column', 'plot_rank_heatmap', 'plot_importance', 'plot_reliability_bins', 'plot_reliability',
            'plot_accuracy_vs_params', 'plot_training_curves', 'plot_run']
 
@@ -85,13 +85,15 @@ STUDY_METRICS = {  # metric: (column heading, scale, format)
     "ece_scaled": ("ECE after scaling %", 100, ".1f"), "test_loss": ("test loss", 1, ".3f")}
 
 def _mean_std(mu, sd, scale, fmt): return f"{scale * mu:{fmt}}" + ("" if np.isnan(sd) else f" ± {scale * sd:{fmt}}")
+def _interval(mu, ci, scale, fmt): return "" if np.isnan(ci) else f"{scale * (mu - ci):{fmt}} .. {scale * (mu + ci):{fmt}}"
 
-def study_table(agg:pd.DataFrame, metrics=tuple(STUDY_METRICS)) -> pd.DataFrame:
-    "`aggregate`'s per-method table as text: seeds, trainable params and mean ± std of each metric, rows labelled."
+def study_table(agg:pd.DataFrame, metrics=tuple(STUDY_METRICS), ci=()) -> pd.DataFrame:
+    "`aggregate`'s per-method table as text: seeds, trainable params, mean ± std of each metric (and the 95% CI of those in `ci`), rows labelled."
     out = pd.DataFrame({"seeds": agg["seeds"].astype(int), "trainable params": agg["trainable"].map("{:,}".format)})
     for m in metrics:
         head, scale, fmt = STUDY_METRICS[m]
         out[head] = [_mean_std(mu, sd, scale, fmt) for mu, sd in zip(agg[f"{m} mean"], agg[f"{m} std"])]
+        if m in ci: out[f"{head} 95% CI"] = [_interval(mu, h, scale, fmt) for mu, h in zip(agg[f"{m} mean"], agg[f"{m} ci95"])]
     out.index = pd.Index([METHOD_LABELS.get(m, m) for m in agg.index], name="method")  # relabel last: `agg` aligns on its own index
     return out
 
@@ -101,17 +103,21 @@ def detectable_difference(sd:float, n:int, level:float=0.95, power:float=0.8) ->
     if n < 2: return float("nan")
     return float((stats.t.ppf((1 + level) / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
+LOWER_IS_BETTER = {"ece", "ece_scaled", "test_loss", "val_loss"}
+
 def decision_table(results:list[dict], pairs, metric:str="test_accuracy", scale:float=100) -> pd.DataFrame:
-    "One row per (A, B) in `pairs`: paired seeds, mean A - B with its 95% CI, a verdict (from 3 seeds), the bound on any gain, the detectable difference."
-    rows = []
+    "One row per (A, B) in `pairs`: paired seeds, mean A - B with its 95% CI, p, a verdict (from 3 seeds), the bound on any gain, the detectable difference."
+    rows, up = [], metric not in LOWER_IS_BETTER
     for a, b in pairs:
         d = paired_difference(results, a, b, metric)
         n = len(d["seeds"])
+        gain_low, gain_high = (d["low"], d["high"]) if up else (-d["high"], -d["low"])   # a gain is a rise, or a drop
         verdict = ("too few seeds" if n < 3 else  # two seeds can agree by chance and give a CI of width 0
-                   "A better" if d["low"] > 0 else "B better" if d["high"] < 0 else "undecided")
+                   "A better" if gain_low > 0 else "B better" if gain_high < 0 else "undecided")
+        p = stats.ttest_1samp(d["diffs"], 0).pvalue if n >= 2 else float("nan")
         rows.append({"A": a, "B": b, "seeds": n, "A - B": scale * d["mean"], "CI low": scale * d["low"], "CI high": scale * d["high"],
-                     "verdict": verdict,
-                     "gain of A below": scale * d["high"], "detectable": scale * detectable_difference(d["std"], n)})
+                     "p": p, "verdict": verdict,
+                     "gain of A below": scale * gain_high, "detectable": scale * detectable_difference(d["std"], n)})
     return pd.DataFrame(rows)
 
 def allocation_correlation(a:dict, b:dict) -> float:

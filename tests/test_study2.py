@@ -63,7 +63,7 @@ def test_sweep_dry_run_lists_every_run(arms, tmp_path):
 
 
 def test_finished_runs_follow_the_file(arms):
-    "Each committed run used the file's recipe and its arm's values (none are committed until the sweep runs)."
+    "Each committed run used the file's recipe and its arm's values: one recipe, the arm's overrides, its seed."
     settings, arms = arms
     for f in sorted(STUDY.glob("*-seed*/results.json")):
         r = json.loads(f.read_text())
@@ -72,6 +72,17 @@ def test_finished_runs_follow_the_file(arms):
         got = {k: r["config"][k] for k in want if k != "progress"}
         assert got == {k: v for k, v in want.items() if k != "progress"}, f
         assert r.get("arm", r["method"]) == arm and sum(r["ranks"].values()) == want["rank_budget"], f
+
+
+def test_every_arm_has_its_seeds(arms):
+    "The study is complete: every run of the design is committed with its config, plan and executed notebook, and nothing else."
+    _, arms = arms
+    want = {f"{arm}-seed{seed}" for arm, seed, _ in sweep_runs(arms, [0])}
+    assert {d.name for d in STUDY.glob("*-seed*")} == want
+    for name in sorted(want):
+        for f in ("results.json", "config.json", "plan.json", "10_cifar10.ipynb"): assert (STUDY/name/f).is_file(), (name, f)
+        nb = json.loads((STUDY/name/"10_cifar10.ipynb").read_text())
+        assert nb["metadata"]["papermill"]["end_time"] and not nb["metadata"]["papermill"].get("exception"), name
 
 
 def test_committed_tables_are_the_runs_aggregated():
