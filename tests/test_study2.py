@@ -108,3 +108,18 @@ def test_gpu_arms_are_the_cpu_study_at_224_px(arms):
            {a: {k: v for k, v in o.items() if k != "seeds"} for a, o in cpu_arms.items()}
     for arm, seed, over in sweep_runs(gpu_arms, [0]):
         validate_config(make_config("paper", "cifar10", **{**gpu_settings, **over}, seed=seed, arm=arm))
+
+
+def test_the_pages_quote_the_runs():
+    "The headline numbers written in prose (README, results page, results/README) are the committed runs' paired difference."
+    from fclora.report import load_results, decision_table
+    row = decision_table(load_results(STUDY), [("fclora", "lora"), ("eva", "lora"), ("random", "lora")]).set_index("A")
+    fc = row.loc["fclora"]
+    mean, interval = f"{fc['A - B']:+.2f} points", f"{fc['CI low']:+.2f} .. {fc['CI high']:+.2f}"
+    root = STUDY.parents[1]
+    pages = {p: " ".join((root/p).read_text().replace('\\n",\n    "', " ").replace("*", "").split()) for p in
+             ("README.md", "nbs/12_results.ipynb", "results/README.md")}
+    for p, text in pages.items():
+        assert interval in text and (mean in text or f"{fc['A - B']:+.2f} ({interval})" in text), (p, mean, interval)
+        for arm in ("eva", "random"):   # the bounds on any gain, as the pages state them
+            assert f"below {row.loc[arm, 'gain of A below']:.2f} points" in text, (p, arm)
