@@ -16,7 +16,7 @@ from .lora import QKV_NAMES
 
 # %% auto #0
 __all__ = ['R_MIN', 'R_MAX', 'LORA_SCALING', 'check_budget', 'allocate_ranks', 'uniform_ranks', 'check_param_budget',
-           'allocate_params', 'lora_config', 'block_and_projection', 'rank_grid']
+           'allocate_params', 'lora_config', 'block_and_projection', 'rank_grid', 'prior_ranks']
 
 # %% ../nbs/03_allocation.ipynb #380c0da6
 R_MIN, R_MAX = 1, 16  # the note's rank bounds
@@ -141,3 +141,12 @@ def rank_grid(values:dict|pd.Series) -> pd.DataFrame:
     df = pd.DataFrame.from_dict(rows, orient="index")
     cols = [c for c in ("q", "k", "v") if c in df.columns] + [c for c in df.columns if c not in ("q", "k", "v")]
     return df[cols].rename_axis("layer")
+
+# %% ../nbs/03_allocation.ipynb #c80502c8
+def prior_ranks(prior:dict, # {module name: weight}, e.g. mean ranks of another run
+                names:list[str], budget:int, r_min:int=R_MIN, r_max:int=R_MAX) -> pd.Series:
+    "Ranks for the modules `names` in proportion to `prior`, matched by block and projection, within bounds, summing to `budget`."
+    by_key = {block_and_projection(n): float(w) for n, w in prior.items()}
+    missing = [n for n in names if block_and_projection(n) not in by_key]
+    if missing: raise FcloraError(f"the rank prior has no weight for {len(missing)} of {len(names)} layers, e.g. {missing[0]}")
+    return allocate_ranks(pd.Series({n: by_key[block_and_projection(n)] for n in names}), budget, r_min, r_max)

@@ -19,15 +19,15 @@ class FcloraError(ValueError):
     "A problem with the user's input or environment, reported as one clear line."
 
 # %% ../nbs/00_core.ipynb #628f83c6
-METHODS = ("fclora", "lora", "adalora", "full", "linear", "random", "eva")
-METHOD_LR = dict(fclora=3e-3, lora=3e-3, adalora=3e-3, random=3e-3, eva=3e-3, linear=1e-2, full=5e-5)
-METHOD_WARMUP = dict(fclora=0.05, lora=0.05, adalora=0.05, random=0.05, eva=0.05, linear=0.05, full=0.1)
+METHODS = ("fclora", "lora", "adalora", "full", "linear", "random", "eva", "static")
+METHOD_LR = dict(fclora=3e-3, lora=3e-3, adalora=3e-3, random=3e-3, eva=3e-3, static=3e-3, linear=1e-2, full=5e-5)
+METHOD_WARMUP = dict(fclora=0.05, lora=0.05, adalora=0.05, random=0.05, eva=0.05, static=0.05, linear=0.05, full=0.1)
 
 # %% ../nbs/00_core.ipynb #03ad10c3
 @dataclass
 class Config:
     "Everything a run needs. Defaults: the note's CIFAR-10 setting."
-    method: str = "fclora"  # fclora (scored ranks), lora (uniform), adalora, full, linear (head only), random (random ranks), eva (peft EVA)
+    method: str = "fclora"  # fclora (scored ranks), lora (uniform), adalora, full, linear (head only), random (random ranks), eva (peft EVA), static (ranks from rank_prior)
     model_name: str = "facebook/deit-base-distilled-patch16-224"  # hub id, local folder, or a random-init name
     dataset: str = "cifar10"  # cifar10, cifar100, digits, or a local folder
     data_root: str = "data"  # where CIFAR is downloaded
@@ -48,6 +48,7 @@ class Config:
     lora_scaling: float = 2.0  # alpha / r, the same for every layer (= allocation.LORA_SCALING)
     metric_weights: tuple = (0.6, 0.2, 0.2)  # Fisher, gradient, covariance (= importance.METRIC_WEIGHTS)
     score_batches: int = 100
+    rank_prior: str | None = None  # method static: a JSON file {module name: weight}; ranks in proportion to it
     val_fraction: float = 0.2
     train_subset: int | None = None  # class-balanced subset of the training file (before the split)
     test_subset: int | None = None
@@ -131,6 +132,7 @@ FIELD_RULES = {  # field: (is the value valid?, what a valid value is)
     **{f: (lambda v: _num(v) and v >= 0, "a non-negative number") for f in ("weight_decay", "cutmix_alpha", "lora_scaling")},
     "precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
     "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    "rank_prior": (_optional(lambda v: isinstance(v, str) and v != ""), "a JSON file's path or None"),
     "master_addr": (_optional(lambda v: isinstance(v, str) and v != ""), "a host name or address, or None"),
     "master_port": (_optional(lambda v: _int(v) and 0 < v < 65536), "a port number (1-65535) or None"),
     **{f: (lambda v: isinstance(v, bool), "True or False") for f in ("augment", "compile", "resume", "overwrite", "progress")},
@@ -149,11 +151,13 @@ def validate_config(cfg:Config):
                           f"(nproc x nnodes); use a multiple of {n}")
     if cfg.method == "fclora" and cfg.score_batches < n:
         raise FcloraError(f"score_batches={cfg.score_batches} gives some of the {n} processes no batch to score")
+    if (cfg.method == "static") != (cfg.rank_prior is not None):
+        raise FcloraError("method static needs rank_prior (a JSON file of per-layer weights), and only it takes one")
     if cfg.node_rank >= cfg.nnodes: raise FcloraError(f"node_rank={cfg.node_rank} must be below nnodes={cfg.nnodes}")
     if cfg.nnodes > 1 and not cfg.master_addr: raise FcloraError(f"nnodes={cfg.nnodes} needs master_addr (node 0's address)")
 
 # %% ../nbs/00_core.ipynb #a70389ae
-RUN_FILES = ("config.json", "plan.json", "eva_init.pt", "results.json", "error.json", "last.pt", "adapter")
+RUN_FILES = ("config.json", "plan.json", "eva_init.pt", "results.json", "predictions.npz", "error.json", "last.pt", "adapter")
 
 def check_out_dir(cfg:Config) -> Path:
     "`cfg.out_dir`, unless it holds a finished run (and no overwrite) or an unfinished one (and no resume)."

@@ -23,16 +23,19 @@ from .core import FcloraError  # defined in 00_core; imported here too, as older
 # %% ../nbs/00_data.ipynb #cf431bdd
 @dataclass
 class ImageSet:
-    "Images `x` (uint8, N x 3 x H x W), labels `y` (int64, N) and class names."
+    "Images `x` (uint8, N x 3 x H x W), labels `y` (int64, N), class names, and where each image sits in its file."
     x: torch.Tensor
     y: torch.Tensor
     classes: list
+    index: torch.Tensor|None = None  # each image's position in the file it came from (default 0..N-1)
 
+    def __post_init__(self):
+        if self.index is None: self.index = torch.arange(len(self.y))
     def __len__(self): return len(self.y)
-    def __getitem__(self, idx): return ImageSet(self.x[idx], self.y[idx], self.classes)
+    def __getitem__(self, idx): return ImageSet(self.x[idx], self.y[idx], self.classes, self.index[idx.cpu() if torch.is_tensor(idx) else idx])
     @property
     def num_classes(self): return len(self.classes)
-    def to(self, device): return ImageSet(self.x.to(device), self.y.to(device), self.classes)
+    def to(self, device): return ImageSet(self.x.to(device), self.y.to(device), self.classes, self.index)
     def __repr__(self):
         return f"ImageSet({len(self)} images {tuple(self.x.shape[1:])}, {self.num_classes} classes)"
 

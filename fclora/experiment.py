@@ -20,15 +20,15 @@ from .core import (FcloraError, Config, METHODS, PRESETS, make_config, config_fr
 from .data import ImageSet, load_data, train_val_split, balanced_subset, batch_indices, preprocess
 from .lora import load_model, image_stats, find_qkv_modules, find_head_modules, param_table, RANDOM_MODELS
 from .importance import score_modules
-from .allocation import allocate_ranks, uniform_ranks, check_budget, lora_config
+from .allocation import allocate_ranks, uniform_ranks, prior_ranks, check_budget, lora_config
 from .eva import eva_ranks, eva_lora_config, init_eva
-from .training import train, predict, resolve_device, autocast_dtype, atomic_save, atomic_write_json, world, steps_per_epoch, from_rank0
+from .training import train, predict, resolve_device, autocast_dtype, host_info, atomic_save, atomic_write_json, world, steps_per_epoch, from_rank0
 from .calibration import fit_temperature, evaluate_logits, calibration_bins
 
 # %% auto #0
-__all__ = ['prepare_data', 'scoring_batches', 'plan_ranks', 'adapt_model', 'adalora_ranks', 'run_device', 'data_and_model',
-           'total_steps', 'plan_or_resume', 'for_training', 'evaluate_and_calibrate', 'peak_memory_mb', 'param_counts',
-           'write_results', 'run_experiment', 'torchrun_command']
+__all__ = ['PREDICTIONS_FILE', 'prepare_data', 'scoring_batches', 'plan_ranks', 'adapt_model', 'adalora_ranks', 'run_device',
+           'data_and_model', 'total_steps', 'plan_or_resume', 'for_training', 'evaluate_and_calibrate',
+           'peak_memory_mb', 'param_counts', 'test_predictions', 'write_results', 'run_experiment', 'torchrun_command']
 
 # %% ../nbs/06_experiment.ipynb #5adf4e0e
 def prepare_data(cfg:Config) -> tuple[ImageSet, ImageSet, ImageSet]:
@@ -67,6 +67,10 @@ def plan_ranks(model, train:ImageSet, cfg:Config, mean, std) -> tuple[pd.Series|
         start = uniform_ranks(names, cfg.rank_budget, cfg.r_min, cfg.r_max)
         return eva_ranks(model, scoring_batches(train, cfg, mean, std), start, cfg.r_min, cfg.r_max,
                          dtype=autocast_dtype(cfg, train.x.device)), None
+    if cfg.method == "static":
+        try: prior = json.loads(Path(cfg.rank_prior).read_text())
+        except (OSError, ValueError) as e: raise FcloraError(f"cannot read the rank prior {cfg.rank_prior}: {e}") from None
+        return prior_ranks(prior, names, cfg.rank_budget, cfg.r_min, cfg.r_max), None
     if cfg.method == "random":
         scores = torch.rand(len(names), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
         return allocate_ranks(pd.Series(scores, index=names), cfg.rank_budget, cfg.r_min, cfg.r_max), None
@@ -184,10 +188,20 @@ def param_counts(model:nn.Module, cfg:Config, base_counts:dict, planned:dict|Non
     if planned is not None: assert adapter == planned["adapter"], (adapter, planned)
     return dict(adapter=adapter, head=base_counts["head"], trainable=trainable, total=base_counts["base_plus_head"] + adapter)
 
+PREDICTIONS_FILE = "predictions.npz"
+
+def test_predictions(logits:torch.Tensor, y:torch.Tensor, index:torch.Tensor, temperature:float) -> dict:
+    "Per test image: `index` in the test file, label, predicted class, true-class probability and confidence, before and after scaling."
+    p, ps, rows = logits.float().softmax(1), (logits.float() / temperature).softmax(1), torch.arange(len(y))
+    f16 = lambda t: t.numpy().astype(np.float16)
+    return dict(index=index.numpy().astype(np.int32), label=y.numpy().astype(np.int16), pred=p.argmax(1).numpy().astype(np.int16),
+                p_true=f16(p[rows, y]), conf=f16(p.max(1).values), p_true_scaled=f16(ps[rows, y]), conf_scaled=f16(ps.max(1).values))
+
 def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, params:dict, sizes:dict, wall:dict, device) -> dict:
     "Save the adapter and `results.json`; remove the checkpoint; return the results."
     if hasattr(model, "save_pretrained") and cfg.method not in ("full", "linear"): model.save_pretrained(out/"adapter")
-    before, after, z, y = ev["before"], ev["after"], ev["test_logits"], sizes.pop("test_y")
+    before, after, z, y, index = ev["before"], ev["after"], ev["test_logits"], sizes.pop("test_y"), sizes.pop("test_index")
+    np.savez_compressed(out/PREDICTIONS_FILE, **test_predictions(z, y, index, ev["temperature"]))
     bins = lambda logits: {k: v.tolist() for k, v in calibration_bins(logits, y).items()}
     results = dict(
         method=cfg.method, arm=cfg.arm or cfg.method, dataset=cfg.dataset, model_name=cfg.model_name, seed=cfg.seed, config=cfg.to_dict(),
@@ -195,6 +209,7 @@ def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, p
         mce=before["mce"], mce_scaled=after["mce"], test_loss_scaled=after["loss"], temperature=ev["temperature"],
         class_acc_mean=before["class_acc_mean"], class_acc_std=before["class_acc_std"], params=params, wall_clock_s=wall,
         peak_memory_mb=peak_memory_mb(device), device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        host=host_info(device, autocast_dtype(cfg, device, model)), predictions=PREDICTIONS_FILE,
         ranks={} if ranks is None else {n: int(r) for n, r in ranks.items()}, rank_budget=cfg.rank_budget,
         importance=_importance_json(table), history=history,
         reliability=dict(before=bins(z), after=bins(z / ev["temperature"])), **sizes)
@@ -234,7 +249,8 @@ def _run(cfg:Config, out:Path) -> dict:
     t_eval = time.perf_counter() - t2
     if cfg.method == "adalora": ranks, planned = pd.Series(adalora_ranks(model)), None
     results = write_results(out, cfg, model, ranks, table, history, ev, param_counts(model, cfg, base_counts, planned),   # write
-                            dict(n_train=len(train_set), n_val=len(val_set), n_test=len(test_set), nproc=size, test_y=test_set.y.cpu()),
+                            dict(n_train=len(train_set), n_val=len(val_set), n_test=len(test_set), nproc=size, test_y=test_set.y.cpu(),
+                                 test_index=test_set.index),
                             dict(scoring=t_scoring, training=t_train, eval=t_eval, total=time.perf_counter() - t_start), device)
     if size > 1: dist.barrier()
     return results

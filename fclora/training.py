@@ -23,11 +23,11 @@ from .allocation import R_MIN, R_MAX, LORA_SCALING
 
 # %% auto #0
 __all__ = ['BF16_MIN_WIDTH', 'warmup_cosine', 'resolve_device', 'soft_cross_entropy', 'train_batch', 'native_bf16',
-           'autocast_dtype', 'keep_frozen_in_bf16', 'prepare_for_precision', 'world', 'from_rank0', 'local_batch_size',
-           'steps_per_epoch', 'epoch_batches', 'predict', 'is_adalora', 'adalora_orth_penalty', 'make_optimizer',
-           'train_step', 'Fit', 'start_fit', 'run_cbs', 'Callback', 'epoch_order', 'one_batch', 'TrainingDiverged',
-           'check_finite', 'Progress', 'AdaLoraUpdate', 'atomic_save', 'atomic_write_json', 'trainable_state',
-           'save_checkpoint', 'load_checkpoint', 'Checkpoint', 'evaluate', 'train_epoch', 'train']
+           'autocast_dtype', 'keep_frozen_in_bf16', 'prepare_for_precision', 'host_info', 'world', 'from_rank0',
+           'local_batch_size', 'steps_per_epoch', 'epoch_batches', 'predict', 'is_adalora', 'adalora_orth_penalty',
+           'make_optimizer', 'train_step', 'Fit', 'start_fit', 'run_cbs', 'Callback', 'epoch_order', 'one_batch',
+           'TrainingDiverged', 'check_finite', 'Progress', 'AdaLoraUpdate', 'atomic_save', 'atomic_write_json',
+           'trainable_state', 'save_checkpoint', 'load_checkpoint', 'Checkpoint', 'evaluate', 'train_epoch', 'train']
 
 # %% ../nbs/04_training.ipynb #1035b6d3
 def warmup_cosine(total_steps:int, warmup_steps:int):
@@ -95,6 +95,21 @@ def prepare_for_precision(model:nn.Module, cfg:Config, device:torch.device) -> n
     if device.type == "cpu" and hasattr(inner, "set_attn_implementation") and getattr(inner.config, "_attn_implementation", None) == "sdpa":
         inner.set_attn_implementation("eager")
     return model
+
+# %% ../nbs/04_training.ipynb #90e5eb9c
+def _cpu_name() -> str:
+    "The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."
+    import platform
+    try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration): return platform.processor() or platform.machine()
+
+def host_info(device:torch.device, dtype=None) -> dict:
+    "The device, CPU, its vector capability and native bf16, threads, the precision used (`dtype`: autocast's) and versions."
+    import platform, transformers, peft
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cpu=_cpu_name(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16_cpu=native_bf16("cpu"),
+                threads=torch.get_num_threads(), precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
 
 # %% ../nbs/04_training.ipynb #61deff1d
 def world() -> tuple[int, int]:

@@ -159,7 +159,8 @@ def valid_configs(draw):
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(valid_configs())
 def test_valid_configs_validate(values):
-    validate_config(make_config("quick", **values))   # must not raise
+    prior = dict(rank_prior="prior.json") if values["method"] == "static" else {}   # static's one cross-field rule
+    validate_config(make_config("quick", **values, **prior))   # must not raise
 
 
 N_QKV = 12   # random-deit-tiny: 4 blocks x q/k/v

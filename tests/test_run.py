@@ -6,7 +6,7 @@ import pytest
 
 from conftest import BIN, ROOT, fclora, one_line_error, results
 
-METHODS = ["fclora", "lora", "adalora", "full", "linear", "random", "eva"]
+METHODS = ["fclora", "lora", "adalora", "full", "linear", "random", "eva", "static"]
 QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
          "--epochs", "2", "--train-subset", "600", "--no-progress"]   # the model pinned: the checks below use its shapes
 KEYS = ["method", "dataset", "model_name", "seed", "config", "test_accuracy", "test_loss", "ece", "ece_scaled", "mce",
@@ -17,8 +17,10 @@ KEYS = ["method", "dataset", "model_name", "seed", "config", "test_accuracy", "t
 def runs(tmp_path_factory):
     "One quick-preset run per method, through `fclora run` (papermill)."
     root = tmp_path_factory.mktemp("runs")
-    for m in METHODS:
-        p = fclora(*QUICK, "--method", m, "--out-dir", root/m)
+    for m in METHODS:   # static's prior: the fclora run's ranks (fclora runs first)
+        if m == "static": (root/"prior.json").write_text(json.dumps(results(root/"fclora")["ranks"]))
+        prior = ["--rank-prior", root/"prior.json"] if m == "static" else []
+        p = fclora(*QUICK, "--method", m, "--out-dir", root/m, *prior)
         assert p.returncode == 0, (m, p.stderr[-3000:])
     return root
 
@@ -35,14 +37,14 @@ def test_results_complete_and_consistent(runs, method):
     assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["ece"] <= 1 and r["temperature"] > 0
     p = r["params"]
     assert p["trainable"] == p["adapter"] + p["head"] or method == "full"
-    if method in ("fclora", "lora", "random", "adalora", "eva"):
+    if method in ("fclora", "lora", "random", "adalora", "eva", "static"):
         assert sum(r["ranks"].values()) == r["config"]["rank_budget"] == 24
-    if method in ("fclora", "lora", "random", "eva"):
+    if method in ("fclora", "lora", "random", "eva", "static"):
         assert p["adapter"] == sum(rank * (64 + 64) for rank in r["ranks"].values())   # r (d_in + d_out)
     if method == "fclora": assert sorted(r["importance"]) == sorted(r["ranks"])
     if method == "eva": assert r["importance"] == {} and min(r["ranks"].values()) >= r["config"]["r_min"]   # EVA: ranks, no scores
     assert sorted(f.name for f in (runs/method).iterdir()) == sorted(
-        ["config.json", "plan.json", "results.json", "10_cifar10.ipynb"] + (["adapter"] if method not in ("full", "linear") else []))
+        ["config.json", "plan.json", "results.json", "predictions.npz", "10_cifar10.ipynb"] + (["adapter"] if method not in ("full", "linear") else []))
     if method == "linear": assert p["adapter"] == 0 and p["trainable"] == p["head"] == 650
 
 
@@ -54,6 +56,23 @@ def test_fclora_ranks_are_its_own_scores_allocated(runs):
     scores = pd.Series({n: v["score"] for n, v in r["importance"].items()})
     assert r["ranks"] == allocate_ranks(scores, r["rank_budget"], r["config"]["r_min"], r["config"]["r_max"]).to_dict()
     assert r["ranks"] != uniform_ranks(list(r["ranks"]), r["rank_budget"], r["config"]["r_min"], r["config"]["r_max"]).to_dict()
+
+
+def test_static_follows_its_prior(runs):
+    "A prior of another run's ranks at the same budget gives back exactly those ranks (proportional to themselves)."
+    assert results(runs/"static")["ranks"] == results(runs/"fclora")["ranks"]
+    assert results(runs/"static")["importance"] == {}
+
+
+@pytest.mark.parametrize("method", ["fclora", "full"])
+def test_predictions_match_the_results(runs, method):
+    "predictions.npz: one row per test image, naming distinct images of the test file, giving back the reported accuracy and loss."
+    import numpy as np
+    r, pr = results(runs/method), np.load(runs/method/"predictions.npz")
+    assert len(pr["index"]) == r["n_test"] == len(set(pr["index"].tolist())) and pr["index"].max() < 297  # digits' test file
+    assert abs((pr["pred"] == pr["label"]).mean() - r["test_accuracy"]) < 1e-9
+    assert abs(-np.log(pr["p_true"].astype(float)).mean() - r["test_loss"]) < 5e-3
+    assert r["host"]["precision"] == "fp32" and r["host"]["threads"] >= 1 and r["host"]["cpu_capability"]
 
 
 def test_uniform_lora_is_uniform(runs):
