@@ -14,9 +14,9 @@ from .core import FcloraError, Config, PRESETS, make_config, validate_config, ch
 # `fclora --help`, a bad option, or a run whose checks fail answers in a second, not after ~7 s of imports
 
 # %% auto #0
-__all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'add_config_options', 'config_overrides', 'add_plan_options', 'parse_targets',
-           'plan_command', 'ExperimentFailed', 'notebook_path', 'kernel_options', 'run_notebook', 'run_command',
-           'load_arms', 'sweep_runs', 'sweep', 'compare', 'main']
+__all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'CLAIM_FILE', 'add_config_options', 'config_overrides', 'add_plan_options',
+           'parse_targets', 'plan_command', 'ExperimentFailed', 'notebook_path', 'kernel_options', 'run_notebook',
+           'run_command', 'host_conflict', 'claim_run', 'load_arms', 'sweep_runs', 'sweep', 'compare', 'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
 def _parse_value(kind, text:str):
@@ -157,6 +157,54 @@ def run_command(experiment:str, params:dict, preset:str="paper", log_output:bool
     run_experiment(cfg)
     print(f"node {cfg.node_rank} of {cfg.nnodes}: done; node 0 ({cfg.master_addr}) writes the results")
 
+
+# %% ../nbs/08_cli.ipynb #d05a1506
+CLAIM_FILE = ".claim"
+
+def _host_of(r:dict) -> dict:
+    "What a finished run says of its host; runs made before `host` was recorded: their device, and bf16 if their config asked."
+    h = r.get("host") or {}
+    return dict(device=h.get("device", r.get("device", "cpu")), precision=h.get("precision", r["config"].get("precision")),
+                native_bf16_cpu=h.get("native_bf16_cpu"), threads=h.get("threads"), cpu=h.get("cpu", "an earlier host"))
+
+def host_conflict(out_dir, cfg:Config) -> str|None:
+    "Why this host must not add `cfg`'s run to the study in `out_dir` (see above), or None."
+    import torch
+    from fclora.training import native_bf16, resolve_device, _cpu_name
+    device, threads, native = resolve_device(cfg).type, torch.get_num_threads(), native_bf16("cpu")
+    for f in sorted(Path(out_dir).glob("*/results.json")):
+        h, run = _host_of(json.loads(f.read_text())), f.parent.name
+        if (h["device"] == "cpu") != (device == "cpu"):
+            return f"{run} ran on {h['device']}, this run would run on {device}: a study's runs share one kind of device"
+        if device == "cpu" and h["precision"] == "bf16" and not native:
+            return (f"{run} ran in bf16 on a CPU with native bf16 ({h['cpu']}); this CPU ({_cpu_name()}) emulates bf16, "
+                    f"about 100x slower and not the same arithmetic: continue this study on a CPU with AMX or AVX512-BF16")
+        if cfg.precision != "auto" and h["precision"] not in (None, "auto", cfg.precision):
+            return f"{run} ran in {h['precision']}, this run asks for {cfg.precision}: a study keeps one precision"
+        if h["threads"] is not None and h["threads"] != threads:
+            return (f"{run} ran with {h['threads']} thread(s), this sweep would use {threads}: runs repeat exactly only at one "
+                    f"thread count, so set OMP_NUM_THREADS={h['threads']}")
+    return None
+
+def claim_run(out:Path) -> bool:
+    "Claim the run folder `out` for this process; False if a live process on this host holds it."
+    import socket
+    out.mkdir(parents=True, exist_ok=True)
+    me, f = f"{socket.gethostname()} {os.getpid()}", out/CLAIM_FILE
+    try: fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        host, pid = (f.read_text().split() + ["", "0"])[:2]
+        if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)): return False
+        f.write_text(me); return True   # a stale claim (its sweep was killed): take the run over
+    with os.fdopen(fd, "w") as h: h.write(me)
+    return True
+
+def _alive(pid:int) -> bool:
+    try: os.kill(pid, 0); return True
+    except ProcessLookupError: return False
+    except PermissionError: return True
+
+# %% ../nbs/08_cli.ipynb #b682e413
 def load_arms(path) -> tuple[dict, dict]:
     "A study's arms file (JSON): the settings of every run, and {arm name: its `Config` overrides, optionally `seeds`}."
     try: spec = json.loads(Path(path).read_text())
@@ -192,9 +240,11 @@ def sweep(experiment:str,
         done = (out/"results.json").exists()
         if dry_run: print(f"{out}: {'done' if done else 'to run'} {json.dumps(over)}"); outs.append(out); continue
         if done: print(f"{out}: done, skipped"); outs.append(out); continue
+        if (why := host_conflict(out_dir, make_config(preset, experiment, **run))): raise FcloraError(why)
+        if not claim_run(out): print(f"{out}: running in another sweep, skipped"); continue
         print(f"{out}: running")
-        resume = (out/"config.json").exists()
-        outs.append(run_notebook(experiment, dict(run, resume=resume or None), preset))
+        try: outs.append(run_notebook(experiment, dict(run, resume=(out/"config.json").exists() or None), preset))
+        finally: (out/CLAIM_FILE).unlink(missing_ok=True)
     return outs
 
 # %% ../nbs/08_cli.ipynb #fa86557e

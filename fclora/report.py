@@ -20,8 +20,8 @@ from scipy import stats
 __all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'STUDY_METRICS', 'LOWER_IS_BETTER', 'NOTE_NUMBERS', 'load_results',
            'summary_table', 'mean_ci', 'aggregate', 'paired_difference', 'study_table', 'detectable_difference',
            'decision_table', 'allocation_correlation', 'allocation_agreement', 'allocation_stability', 'budget_shares',
-           'with_note_column', 'plot_rank_heatmap', 'plot_importance', 'plot_reliability_bins', 'plot_reliability',
-           'plot_accuracy_vs_params', 'plot_training_curves', 'plot_run']
+           'select_epochs', 'select_lr', 'with_note_column', 'plot_rank_heatmap', 'plot_importance',
+           'plot_reliability_bins', 'plot_reliability', 'plot_accuracy_vs_params', 'plot_training_curves', 'plot_run']
 
 # %% ../nbs/07_report.ipynb #53f219ed
 def load_results(*paths) -> list[dict]:
@@ -148,6 +148,17 @@ def budget_shares(results:list[dict], arm:str) -> tuple[pd.Series, pd.Series]:
     df = pd.DataFrame(rows, columns=["seed", "block", "projection", "share"])
     per_seed = lambda key: df.groupby(["seed", key])["share"].sum().groupby(key).mean()
     return per_seed("projection"), per_seed("block")
+
+# %% ../nbs/07_report.ipynb #83c6ca60
+def select_epochs(val_acc:list[float], # validation accuracy after each epoch of one run
+                  tol:float=0.005) -> int:
+    "The first epoch (counting from 1) whose validation accuracy is within `tol` of the curve's best."
+    best = max(val_acc)
+    return next(e for e, a in enumerate(val_acc, 1) if a >= best - tol - 1e-12)
+
+def select_lr(val_acc_by_lr:dict) -> float:
+    "The learning rate with the best final validation accuracy; on a tie, the smaller rate."
+    return min(val_acc_by_lr, key=lambda lr: (-val_acc_by_lr[lr], lr))
 
 # %% ../nbs/07_report.ipynb #ff8dea8f
 NOTE_NUMBERS = {  # (dataset, method): {column: value}; source: the FC-LoRA note, as quoted in the project brief

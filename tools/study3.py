@@ -1,0 +1,159 @@
+"""Study III (issue 22): each dataset's study in three phases, by rules fixed in its `design.json` before any result.
+
+1. schedule: uniform LoRA on the selection seed for `max_epochs`; its validation curve picks the epochs
+   (`fclora.report.select_epochs`: the shortest within `tol` of the best).
+2. lr grid: every arm of `lr_grid` at those epochs, one run per rate, on the selection seed; the best final
+   validation accuracy picks each arm's rate (`fclora.report.select_lr`).
+3. evaluation: the arms of `design.json` at the chosen epochs and rates, on their evaluation seeds, written to
+   `arms.json` (what `fclora sweep --arms` runs) when the phase starts.
+
+Selection runs score only `selection_test_subset` test images: their test numbers are not used and not reported.
+Every phase is a function of the design and the committed runs, so any session (or `fclora sweep --arms`) continues it.
+
+    python tools/study3.py status                    # what is done, what is next, the choices made so far
+    OMP_NUM_THREADS=1 python tools/study3.py run     # run what is left, in order (resumable; two side by side share the work)
+    OMP_NUM_THREADS=1 python tools/study3.py run --publish ../main   # also copy each finished run there and commit it
+"""
+import argparse, json, shutil, subprocess, sys, time
+from pathlib import Path
+
+STUDIES = {"cifar10": "results/study3-vits-cifar10", "cifar100": "results/study3-vits-cifar100"}
+RUN_FILES = ("results.json", "config.json", "plan.json", "predictions.npz")   # and the executed notebook: what is committed
+
+
+def design(folder) -> dict: return json.loads((Path(folder)/"design.json").read_text())
+def _results(folder, arm, seed):
+    f = Path(folder)/f"{arm}-seed{seed}"/"results.json"
+    return json.loads(f.read_text()) if f.exists() else None
+def _lr_name(lr): return f"{lr:g}"
+
+
+def schedule_arm(d) -> tuple[str, dict]:
+    s = d["schedule"]
+    return f"select-{s['arm']}-e{s['max_epochs']}-lr{_lr_name(s['lr'])}", dict(method=s["arm"], lr=s["lr"], epochs=s["max_epochs"])
+
+
+def chosen_epochs(folder, d) -> int|None:
+    "Phase 1's answer: the epochs, or None until the schedule run is done."
+    from fclora.report import select_epochs
+    r = _results(folder, schedule_arm(d)[0], d["selection_seed"])
+    return None if r is None else select_epochs([h["val_acc"] for h in r["history"]], d["schedule"]["tol"])
+
+
+def grid_arms(d, epochs:int) -> dict:
+    "Phase 2: {arm name: overrides} of every (arm, rate) of the grid."
+    return {f"select-{arm}-lr{_lr_name(lr)}": dict(d["arms"][arm], lr=lr, epochs=epochs)
+            for arm, lrs in d["lr_grid"].items() for lr in lrs}
+
+
+def chosen_lrs(folder, d, epochs:int) -> dict|None:
+    "Phase 2's answer: {arm: rate} for every arm of the grid, or None until its runs are done."
+    from fclora.report import select_lr
+    val = {}
+    for arm, lrs in d["lr_grid"].items():
+        rs = {lr: _results(folder, f"select-{arm}-lr{_lr_name(lr)}", d["selection_seed"]) for lr in lrs}
+        if any(r is None for r in rs.values()): return None
+        val[arm] = select_lr({lr: r["history"][-1]["val_acc"] for lr, r in rs.items()})
+    return val
+
+
+def eval_arms(d, epochs:int, lrs:dict) -> dict:
+    "Phase 3: the design's arms at the chosen epochs and rates (an arm with `lr_from` takes that arm's rate)."
+    arms = {}
+    for name, a in d["arms"].items():
+        a = dict(a); lr_from = a.pop("lr_from", name)
+        arms[name] = dict(a, epochs=epochs, lr=lrs[lr_from], seeds=a["seeds"])
+    return arms
+
+
+def phases(folder) -> list[tuple[str, dict, dict]]:
+    "[(phase, settings, arms)] of the phases whose inputs are known, in order; writes arms.json when phase 3 is known."
+    d = design(folder)
+    sel = dict(d["settings"], test_subset=d["selection_test_subset"])
+    name, over = schedule_arm(d)
+    out = [("schedule", sel, {name: dict(over, seeds=[d["selection_seed"]])})]
+    if (epochs := chosen_epochs(folder, d)) is None: return out
+    out.append(("lr grid", sel, {a: dict(o, seeds=[d["selection_seed"]]) for a, o in grid_arms(d, epochs).items()}))
+    if (lrs := chosen_lrs(folder, d, epochs)) is None: return out
+    arms = eval_arms(d, epochs, lrs)
+    spec = dict(about=f"Study III evaluation arms, written by tools/study3.py from design.json and the selection runs "
+                      f"(epochs {epochs} from the schedule run, each arm's learning rate from the lr grid).",
+                settings=d["settings"], arms=arms)
+    f = Path(folder)/"arms.json"
+    if not f.exists() or json.loads(f.read_text()) != spec: f.write_text(json.dumps(spec, indent=1) + "\n")
+    return out + [("evaluation", d["settings"], arms)]
+
+
+def pending(root=".") -> list[tuple[str, str, str, int, dict, dict]]:
+    "(dataset, folder, arm, seed, overrides, settings) of every run not yet done whose phase is known, phase by phase, seed by seed."
+    from fclora.cli import sweep_runs
+    todo = []
+    for rank, phase in enumerate(("schedule", "lr grid", "evaluation")):
+        for ds, folder in STUDIES.items():
+            folder = Path(root)/folder
+            for ph, settings, arms in phases(folder):
+                if ph != phase: continue
+                for arm, seed, over in sweep_runs(arms, [0]):
+                    if _results(folder, arm, seed) is None: todo.append((rank, seed, ds, str(folder), arm, over, settings))
+    todo.sort(key=lambda t: (t[0], t[1]))   # phase, then seed: both datasets' pairs grow evenly
+    return [(ds, folder, arm, seed, over, settings) for _, seed, ds, folder, arm, over, settings in todo]
+
+
+def status():
+    for ds, folder in STUDIES.items():
+        d = design(folder)
+        epochs = chosen_epochs(folder, d)
+        print(f"{ds}: epochs {'not chosen yet' if epochs is None else epochs}", end="")
+        lrs = chosen_lrs(folder, d, epochs) if epochs else None
+        print(f"; learning rates {'not chosen yet' if lrs is None else lrs}")
+        for ph, _, arms in phases(folder):
+            from fclora.cli import sweep_runs
+            runs = sweep_runs(arms, [0])
+            done = sum(_results(folder, a, s) is not None for a, s, _ in runs)
+            print(f"  {ph}: {done} of {len(runs)} runs done")
+    left = pending()
+    print(f"next: {', '.join(f'{ds} {a}-seed{s}' for ds, _, a, s, _, _ in left[:4]) or 'nothing (the known phases are done)'}")
+
+
+def publish(folder, arm, seed, dest):
+    "Copy a finished run (and the study's phase files) into the checkout `dest` and commit them there."
+    src, paths = Path(folder)/f"{arm}-seed{seed}", []
+    for f in [*(src/n for n in RUN_FILES), *src.glob("*.ipynb"), *(Path(folder)/n for n in ("arms.json",))]:
+        if not f.exists(): continue
+        to = Path(dest)/f
+        to.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, to); paths.append(str(f))
+    for attempt in range(20):   # another git command in dest may hold its index lock for a moment
+        add = subprocess.run(["git", "-C", str(dest), "add", "--", *paths], capture_output=True, text=True)
+        com = subprocess.run(["git", "-C", str(dest), "commit", "-q", "-m", f"issue 22: study III {Path(folder).name} {arm}-seed{seed}",
+                              "--", *paths], capture_output=True, text=True) if add.returncode == 0 else add
+        if com.returncode == 0: return
+        if "index.lock" not in com.stderr: print(f"publish: {com.stderr.strip()}", file=sys.stderr); return
+        time.sleep(3)
+
+
+def run(dest=None):
+    from fclora.cli import sweep
+    from fclora.core import FcloraError
+    while True:
+        left = pending()
+        if not left: print("study III: every known run is done"); return
+        started = False
+        for ds, folder, arm, seed, over, settings in left:
+            outs = sweep(ds, {arm: dict(over, seeds=[seed])}, [seed], folder, settings)
+            if not outs: continue   # claimed by the other sweep
+            started = True
+            if dest and (Path(folder)/f"{arm}-seed{seed}"/"results.json").exists(): publish(folder, arm, seed, dest)
+            break   # the phases may have moved on: look again
+        if not started: print("study III: what is left runs in another sweep"); return
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["status", "run"])
+    p.add_argument("--publish", default=None, metavar="CHECKOUT", help="copy each finished run into this checkout and commit it")
+    a = p.parse_args()
+    try: status() if a.command == "status" else run(a.publish)
+    except KeyboardInterrupt: print("study3: interrupted; the last checkpoint is kept: run again to continue", file=sys.stderr); sys.exit(130)
+    except Exception as e:
+        if type(e).__name__ != "FcloraError": raise
+        print(f"study3: error: {e}", file=sys.stderr); sys.exit(2)
