@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_allocation.ipynb #67c7da88
 from __future__ import annotations
-import re
+import math, re
 from collections import Counter
 
 import numpy as np
@@ -13,10 +13,12 @@ from peft import LoraConfig
 
 from .core import FcloraError, check_rank_bounds
 from .lora import QKV_NAMES
+from .importance import layer_shape
 
 # %% auto #0
-__all__ = ['R_MIN', 'R_MAX', 'LORA_SCALING', 'check_budget', 'allocate_ranks', 'uniform_ranks', 'check_param_budget',
-           'allocate_params', 'lora_config', 'block_and_projection', 'rank_grid', 'prior_ranks']
+__all__ = ['R_MIN', 'R_MAX', 'LORA_SCALING', 'PEFT_MIN', 'check_budget', 'allocate_ranks', 'uniform_ranks', 'check_param_budget',
+           'allocate_params', 'peft_key', 'lora_config', 'lora_layers', 'check_adapter', 'block_and_projection',
+           'rank_grid', 'prior_ranks']
 
 # %% ../nbs/03_allocation.ipynb #380c0da6
 R_MIN, R_MAX = 1, 16  # the note's rank bounds
@@ -108,6 +110,11 @@ def allocate_params(scores, # importance per layer: a pandas Series (index = mod
 
 # %% ../nbs/03_allocation.ipynb #d928af1b
 LORA_SCALING = 2.0  # alpha / r for every layer
+PEFT_MIN = "0.15"   # the first peft whose rank_pattern matching takes anchored keys (0.13, 0.14: `.*\.{key}$`)
+
+def peft_key(name:str) -> str:
+    "The `rank_pattern`/`alpha_pattern` key that matches the module `name` and no other: its escaped full name, anchored."
+    return "^" + re.escape(name)
 
 def lora_config(ranks:dict|pd.Series, # {full module name: rank}
                 head_names:list[str], # trained and saved with the adapter
@@ -115,13 +122,50 @@ def lora_config(ranks:dict|pd.Series, # {full module name: rank}
                 dropout:float=0.0,
                 **peft_kwargs, # any other `LoraConfig` field (they win over the ones above)
                ) -> LoraConfig:
-    "A stock peft `LoraConfig` with a rank and alpha per module, keyed by escaped full module names."
+    "A stock peft `LoraConfig` with a rank and alpha per module, each key matching exactly one module."
     ranks = {k: int(v) for k, v in dict(ranks).items()}
     r0 = Counter(ranks.values()).most_common(1)[0][0]
-    return LoraConfig(**{**dict(r=r0, lora_alpha=scaling * r0, lora_dropout=dropout, target_modules=list(ranks),
-                                rank_pattern={re.escape(n): r for n, r in ranks.items()},
-                                alpha_pattern={re.escape(n): scaling * r for n, r in ranks.items()},
+    return LoraConfig(**{**dict(r=r0, lora_alpha=scaling * r0, lora_dropout=dropout,
+                                target_modules="|".join(map(re.escape, ranks)),
+                                rank_pattern={peft_key(n): r for n, r in ranks.items()},
+                                alpha_pattern={peft_key(n): scaling * r for n, r in ranks.items()},
                                 modules_to_save=list(head_names) or None), **peft_kwargs})
+
+# %% ../nbs/03_allocation.ipynb #4632fec7
+def lora_layers(peft_model, adapter:str="default") -> dict:
+    "{module name: (lora_A shape, lora_B shape, scaling)} of every LoRA layer peft built for `adapter`."
+    return {n: (tuple(m.lora_A[adapter].weight.shape), tuple(m.lora_B[adapter].weight.shape), float(m.scaling[adapter]))
+            for n, m in peft_model.get_base_model().named_modules() if adapter in getattr(m, "lora_A", {})}
+
+def _shape(module) -> tuple[int, int]: return layer_shape(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
+
+def _describe(layer) -> str:
+    if layer is None: return "no adapter"
+    (r, d_in), (d_out, _), s = layer
+    return f"r={r} ({d_in} -> {d_out}), scaling {s:g}"
+
+def check_adapter(peft_model, # what `get_peft_model` built
+                  ranks:dict|pd.Series, # {full module name: rank}: the plan
+                  heads=(), # the fresh heads, to be trained and saved whole
+                  scaling:float=LORA_SCALING, # alpha / r planned for every layer
+                  shapes:dict|None=None, # {name: (d_in, d_out)} planned; default: read from the model's layers
+                  adapter:str="default"):
+    "Raise one clear error unless `peft_model` holds exactly the planned LoRA layers, sizes and scaling, and the heads; return it."
+    base, ranks = peft_model.get_base_model(), {n: int(r) for n, r in dict(ranks).items()}
+    shapes = shapes or {n: _shape(base.get_submodule(n)) for n in ranks}
+    want = {n: ((r, shapes[n][0]), (shapes[n][1], r), float(scaling)) for n, r in ranks.items()}
+    got = lora_layers(peft_model, adapter)
+    wrong = [n for n in dict.fromkeys([*want, *got]) if n not in want or n not in got or want[n][:2] != got[n][:2]
+             or not math.isclose(want[n][2], got[n][2], rel_tol=1e-6)]
+    built = sum(p.numel() for n, p in peft_model.named_parameters() if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n)
+    planned = sum(r * sum(shapes[n]) for n, r in ranks.items())
+    unsaved = [h for h in heads if adapter not in getattr(base.get_submodule(h), "modules_to_save", {})]
+    if wrong or built != planned or unsaved:
+        layers = "; ".join(f"{n}: planned {_describe(want.get(n))}, built {_describe(got.get(n))}" for n in wrong[:3])
+        raise FcloraError(f"the adapter peft built is not the plan: {len(wrong)} of {len(want)} planned layers differ"
+                          + (f" ({layers})" if wrong else "") + f"; {built:,} adapter parameters built, {planned:,} planned"
+                          + (f"; heads not in modules_to_save (not trained, not saved): {', '.join(unsaved)}" if unsaved else ""))
+    return peft_model
 
 # %% ../nbs/03_allocation.ipynb #52cdf044
 def block_and_projection(name:str) -> tuple[int, str]:

@@ -78,6 +78,7 @@ def parse_targets(text:str|None):
 def plan_command(args):
     "`fclora plan`: score and allocate for a model and dataset; print the tables, write --json and --save-config; return the `Plan`."
     from fclora import planner
+    from peft import LoraConfig, get_peft_model
     from fclora.lora import param_table
     from fclora.allocation import rank_grid
     from fclora.training import resolve_device, autocast_dtype
@@ -105,7 +106,10 @@ def plan_command(args):
     print("parameters:"); print(pd.Series(params).map("{:,}".format).to_string())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True); Path(args.json).write_text(json.dumps(out, indent=2))
-    if args.save_config: print(f"\nsaved to {p.save(args.save_config)}: Plan.load or peft's LoraConfig.from_pretrained reads it")
+    if args.save_config:
+        saved = p.save(args.save_config)   # the round trip: what peft builds from the folder is the plan read from it
+        planner.Plan.load(saved).check(get_peft_model(model, LoraConfig.from_pretrained(str(saved))))
+        print(f"\nsaved to {saved}: Plan.load or peft's LoraConfig.from_pretrained reads it; peft builds exactly the plan from it")
     return p
 
 # %% ../nbs/08_cli.ipynb #71c22fff

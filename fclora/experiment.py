@@ -20,7 +20,7 @@ from .core import (FcloraError, Config, METHODS, PRESETS, make_config, config_fr
 from .data import ImageSet, load_data, train_val_split, balanced_subset, batch_indices, preprocess
 from .lora import load_model, image_stats, find_qkv_modules, find_head_modules, param_table, RANDOM_MODELS
 from .importance import score_modules
-from .allocation import allocate_ranks, uniform_ranks, prior_ranks, check_budget, lora_config
+from .allocation import allocate_ranks, uniform_ranks, prior_ranks, check_budget, lora_config, check_adapter
 from .eva import eva_ranks, eva_lora_config, init_eva
 from .training import train, predict, resolve_device, autocast_dtype, host_info, atomic_save, atomic_write_json, world, steps_per_epoch, from_rank0
 from .calibration import fit_temperature, evaluate_logits, calibration_bins
@@ -88,9 +88,9 @@ def adapt_model(model, ranks, cfg:Config, total_steps:int):
     "Wrap `model` for `cfg.method` and set which parameters train."
     heads = find_head_modules(model)
     if cfg.method == "eva":  # the final ranks, then each A from its EVA components (a layer without them: plain LoRA init)
-        model = get_peft_model(model, eva_lora_config(ranks, heads, cfg.lora_scaling, r_max=cfg.r_max))
+        model = check_adapter(get_peft_model(model, eva_lora_config(ranks, heads, cfg.lora_scaling, r_max=cfg.r_max)), ranks, heads, cfg.lora_scaling)
         return init_eva(model, {n: u for n, u in ranks.attrs.get("eva", {}).items() if len(u) == ranks[n]})
-    if ranks is not None: return get_peft_model(model, lora_config(ranks, heads, cfg.lora_scaling))
+    if ranks is not None: return check_adapter(get_peft_model(model, lora_config(ranks, heads, cfg.lora_scaling)), ranks, heads, cfg.lora_scaling)
     if cfg.method == "adalora":
         names = find_qkv_modules(model)
         model = get_peft_model(model, _adalora_config(names, heads, cfg, total_steps))

@@ -72,14 +72,20 @@ def find_target_modules(model:nn.Module,
     if targets is None:
         try: return find_qkv_modules(model)
         except FcloraError as e: raise FcloraError(f"{e}; pass targets=..., e.g. some of its layers: {_layer_examples(model)}") from None
-    layers = [n for n, m in model.named_modules() if isinstance(m, _target_types())]
     if isinstance(targets, str):
         try: pattern = re.compile(targets)
         except re.error as e: raise FcloraError(f"targets {targets!r} is not a valid regular expression: {e}") from None
-        names = [n for n in layers if pattern.fullmatch(n) or pattern.fullmatch(n.rsplit(".", 1)[-1])]
+        match = lambda n: pattern.fullmatch(n) or pattern.fullmatch(n.rsplit(".", 1)[-1])
     elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
-        names = [n for n in layers if any(n == t or n.endswith("." + t) for t in targets)]
+        match = lambda n: any(n == t or n.endswith("." + t) for t in targets)
     else: raise FcloraError(f"targets must be a regular expression or a non-empty list of layer names, got {targets!r}")
+    names = [n for n, m in model.named_modules() if isinstance(m, _target_types()) and match(n)]
+    others = {n: type(m).__name__ for n, m in model.named_modules() if n and not isinstance(m, _target_types())
+              and isinstance(getattr(m, "weight", None), torch.Tensor) and match(n)}
+    if others:
+        raise FcloraError(f"targets {targets!r} match {len(others)} layer(s) that are not nn.Linear or Conv1D ("
+                          + ", ".join(f"{n}: {t}" for n, t in list(others.items())[:3]) + "): fclora plans ranks for "
+                          "nn.Linear and Conv1D layers only; narrow the targets to those")
     if not names:
         raise FcloraError(f"no nn.Linear or Conv1D layer of {type(model).__name__} matches targets {targets!r}; "
                           f"its layers are named e.g. {_layer_examples(model)}")
@@ -104,11 +110,27 @@ def _to(batch, device):
     if isinstance(batch, (tuple, list)): return type(batch)(_to(v, device) for v in batch)
     return batch
 
+def _binds(model, args, kwargs) -> bool:
+    "Does `model.forward`'s signature accept these arguments?"
+    try: inspect.signature(model.forward).bind(*args, **kwargs); return True
+    except TypeError: return False
+    except ValueError: return True
+
 def _call(model, *args, **kwargs):
     try: return model(*args, **kwargs)
     except TypeError as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if _binds(model, args, kwargs):   # the forward took the batch and failed inside: the model's own fault, traceback kept
+            raise FcloraError(f"{type(model).__name__}.forward raised TypeError on this batch: {msg} (its traceback is above)") from e
         keys = f" (batch keys: {', '.join(kwargs)})" if kwargs else ""
-        raise FcloraError(f"{type(model).__name__} cannot take this batch{keys}: {str(e).splitlines()[0][:200]}") from None
+        raise FcloraError(f"{type(model).__name__} cannot take this batch{keys}: {msg}") from None
+
+def _loss_or_logits(out):
+    "(loss, logits) of a model output: a tensor (logits), a tuple from return_dict=False (loss first when scalar), or a dict/ModelOutput."
+    if isinstance(out, torch.Tensor): return None, out
+    if isinstance(out, tuple) and not hasattr(out, "keys") and out and isinstance(out[0], torch.Tensor):
+        return (out[0], None) if out[0].ndim == 0 else (None, out[0])
+    return _field(out, "loss"), _field(out, "logits")
 
 def batch_loss(model:nn.Module, batch) -> torch.Tensor:
     "The scalar loss scored for one batch: the model's own `loss` if it returns one, else cross-entropy of its logits."
@@ -122,9 +144,8 @@ def batch_loss(model:nn.Module, batch) -> torch.Tensor:
         raise FcloraError(f"a batch must be an (x, y) pair of tensors or a dict of model inputs (pixel_values/labels, "
                           f"input_ids/attention_mask/labels), got {type(batch).__name__}"
                           + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-    loss = _field(out, "loss")
+    loss, logits = _loss_or_logits(out)
     if loss is not None: return loss.float().mean()
-    logits = out if isinstance(out, torch.Tensor) else _field(out, "logits")
     if not isinstance(logits, torch.Tensor):
         raise FcloraError(f"{type(model).__name__} returned {type(out).__name__} with neither a loss nor logits: "
                           "score a model that returns one of them (e.g. a Hugging Face model with a task head)")

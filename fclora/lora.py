@@ -15,8 +15,9 @@ from .core import FcloraError
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 # %% auto #0
-__all__ = ['RANDOM_MODELS', 'PRETRAINED_MODELS', 'QKV_NAMES', 'HEAD_NAMES', 'LoRALinear', 'lora_param_count', 'model_path',
-           'load_model', 'image_stats', 'model_logits', 'find_qkv_modules', 'find_head_modules', 'param_table']
+__all__ = ['RANDOM_MODELS', 'PRETRAINED_MODELS', 'QKV_NAMES', 'HEAD_TASKS', 'HEAD_NAMES', 'LoRALinear', 'lora_param_count',
+           'model_path', 'load_model', 'image_stats', 'model_logits', 'find_qkv_modules', 'model_task',
+           'find_head_modules', 'param_table']
 
 # %% ../nbs/01_lora.ipynb #03467eac
 class LoRALinear(nn.Module):
@@ -102,7 +103,11 @@ def model_logits(model:nn.Module, x:torch.Tensor) -> torch.Tensor:
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     size = getattr(base.config, "image_size", x.shape[-1])
     kw = {"interpolate_pos_encoding": True} if x.shape[-1] != size and _takes_interpolate(type(base)) else {}
-    return model(pixel_values=x, **kw).logits
+    out = model(pixel_values=x, **kw)
+    if not isinstance(getattr(out, "logits", None), torch.Tensor):
+        raise FcloraError(f"{type(base).__name__} returned {type(out).__name__} with neither a loss nor logits: "
+                          "score a model that returns one of them (e.g. a Hugging Face model with a task head)")
+    return out.logits
 
 @functools.lru_cache(maxsize=None)
 def _takes_interpolate(cls) -> bool: return "interpolate_pos_encoding" in inspect.signature(cls.forward).parameters
@@ -119,12 +124,38 @@ def find_qkv_modules(model:nn.Module) -> list[str]:
     return names
 
 # %% ../nbs/01_lora.ipynb #496b3f1a
-HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier", "head")
+HEAD_TASKS = ("SEQUENCE_CLASSIFICATION", "TOKEN_CLASSIFICATION", "QUESTION_ANSWERING", "IMAGE_CLASSIFICATION",
+              "AUDIO_CLASSIFICATION", "AUDIO_FRAME_CLASSIFICATION", "VIDEO_CLASSIFICATION")
+HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier", "head")  # a plain PyTorch model's head, by name
+
+def model_task(model:nn.Module) -> str|None:
+    "The task with a fresh head that a transformers model's class declares in the Auto mappings (e.g. 'QUESTION_ANSWERING'); else None."
+    if not hasattr(model, "base_model_prefix"): return None
+    from transformers.models.auto import modeling_auto
+    classes = {c.__name__ for c in type(model).__mro__}
+    for task in HEAD_TASKS:
+        for v in getattr(modeling_auto, f"MODEL_FOR_{task}_MAPPING_NAMES", {}).values():
+            if classes & ({v} if isinstance(v, str) else set(v)): return task
+    return None
+
+def _body(model:nn.Module) -> set[str]:
+    "Top-level names of a task model's pretrained body: its `base_model`, else those of its bare model class (built on the meta device)."
+    if model.base_model is not model: return {n for n, c in model.named_children() if c is model.base_model}
+    from transformers import AutoModel
+    try:
+        with torch.device("meta"): return {n for n, _ in AutoModel.from_config(model.config).named_children()}
+    except Exception: return {max(model.named_children(), key=lambda c: sum(p.numel() for p in c[1].parameters()))[0]}
 
 def find_head_modules(model:nn.Module) -> list[str]:
-    "Names of the classification head(s): the new layers trained alongside the adapters."
-    names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
-    if not names: raise FcloraError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}")
+    "Names of the fresh task head(s), trained and saved with the adapter: what a task model adds to its pretrained body."
+    if model_task(model):
+        body = _body(model)
+        names = [n for n, c in model.named_children() if n not in body and any(True for _ in c.parameters())]
+    elif hasattr(model, "base_model_prefix"): names = []   # a transformers model without a task head: causal LM, bare model
+    else: names = [n for n, _ in model.named_children() if n in HEAD_NAMES]
+    if not names:
+        raise FcloraError(f"{type(model).__name__} has no fresh task head (a transformers model with a classification or "
+                          f"question-answering head has one; a plain PyTorch model's is a child named one of {', '.join(HEAD_NAMES)})")
     return names
 
 # %% ../nbs/01_lora.ipynb #8816360a

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_plan.ipynb #e19f1b06
 from __future__ import annotations
-import dataclasses, itertools, json
+import dataclasses, itertools, json, numbers, re, warnings
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +16,7 @@ from .lora import lora_param_count, find_head_modules
 from .importance import (METRIC_WEIGHTS, check_metric_weights, find_target_modules, layer_shape, collect_importance,
                                reduce_importance, importance_table, _batches)
 from .allocation import (R_MIN, R_MAX, LORA_SCALING, check_budget, check_param_budget, allocate_ranks,
-                               allocate_params, lora_config)
+                               allocate_params, lora_config, check_adapter)
 
 # %% auto #0
 __all__ = ['BUDGET_UNITS', 'PLAN_FILE', 'check_budget_unit', 'Plan', 'plan']
@@ -54,15 +54,20 @@ class Plan:
         "A stock peft `LoraConfig` with these ranks, alpha = scaling * rank; `peft_kwargs` override any field."
         return lora_config(self.ranks, self.heads, scaling, **{"fan_in_fan_out": self.fan_in_fan_out, **peft_kwargs})
 
+    def check(self, peft_model, scaling:float=LORA_SCALING, adapter:str="default"):
+        "Raise one clear error unless `peft_model` (from `get_peft_model`) holds exactly this plan; return it."
+        return check_adapter(peft_model, self.ranks, self.heads, scaling, self.shapes, adapter)
+
     def save(self, path, **peft_kwargs) -> Path:
         "Write plan.json and peft's adapter_config.json (from `lora_config(**peft_kwargs)`) into the folder `path`."
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.lora_config(**peft_kwargs).save_pretrained(str(path))
+        path, config = Path(path), self.lora_config(**peft_kwargs)
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.update(importance=self.importance.to_dict(orient="index"), shapes={n: list(s) for n, s in self.shapes.items()},
                  weights=list(self.weights), params=self.params)
-        (path/PLAN_FILE).write_text(json.dumps(d, indent=2))
+        text = json.dumps(d, indent=2)   # before anything is written: a plan that cannot be saved leaves no half folder
+        path.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(path))
+        (path/PLAN_FILE).write_text(text)
         return path
 
     @classmethod
@@ -85,6 +90,19 @@ def _heads(model:nn.Module) -> list[str]:
     try: return find_head_modules(model)
     except FcloraError: return []
 
+def _outside_heads(names:list[str], heads:list[str]) -> list[str]:
+    "The targets peft will adapt: those not in a head (peft's rule: no adapter matches a module to save, or anything in it)."
+    inside = [n for n in names if any(re.match(rf"(^|.*\.){re.escape(h)}($|\..*)", n) for h in heads)]
+    if inside and len(inside) == len(names):
+        raise FcloraError(f"every target is in a fresh head ({', '.join(heads)}), which peft trains whole: target other layers")
+    if inside: warnings.warn(f"no rank for {', '.join(inside)}: it is in a fresh head ({', '.join(heads)}), which peft "
+                             "trains whole and builds no LoRA in", stacklevel=3)
+    return [n for n in names if n not in inside]
+
+def _warn_wasted(ranks:dict, shapes:dict):
+    over = [f"{n} (r={r}, {min(shapes[n])})" for n, r in ranks.items() if r > min(shapes[n])]
+    if over: warnings.warn(f"ranks above min(d_in, d_out) add parameters but no rank: {', '.join(over[:3])}", stacklevel=3)
+
 def plan(model:nn.Module, # any PyTorch model; a Hugging Face model or a peft-ready one
          batches, # a DataLoader or iterable of (x, y) pairs or dicts of model inputs with labels
          budget:int, # total rank, or adapter parameters with budget_unit="params"
@@ -99,8 +117,10 @@ def plan(model:nn.Module, # any PyTorch model; a Hugging Face model or a peft-re
         ) -> Plan:
     "Score `model`'s target layers on `batches` and share `budget` among them in proportion: an FC-LoRA plan."
     check_budget_unit(budget_unit)
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool): budget = int(budget)   # np.int64 too
     weights = check_metric_weights(weights)
-    names = find_target_modules(model, targets)
+    heads = _heads(model)
+    names = _outside_heads(find_target_modules(model, targets), heads)
     shapes = {n: layer_shape(model.get_submodule(n)) for n in names}
     costs = [d_in + d_out for d_in, d_out in shapes.values()]
     if budget_unit == "rank": check_budget(len(names), budget, r_min, r_max)
@@ -113,7 +133,8 @@ def plan(model:nn.Module, # any PyTorch model; a Hugging Face model or a peft-re
     table = importance_table(stats, weights)
     ranks = (allocate_ranks(table["score"], budget, r_min, r_max) if budget_unit == "rank"
              else allocate_params(table["score"], costs, budget, r_min, r_max))
-    return Plan(ranks={n: int(r) for n, r in ranks.items()}, importance=table, shapes=shapes, budget=budget,
-                budget_unit=budget_unit, heads=_heads(model),
+    ranks = {n: int(r) for n, r in ranks.items()}
+    _warn_wasted(ranks, shapes)
+    return Plan(ranks=ranks, importance=table, shapes=shapes, budget=budget, budget_unit=budget_unit, heads=heads,
                 fan_in_fan_out=not any(isinstance(model.get_submodule(n), nn.Linear) for n in names),
                 r_min=r_min, r_max=r_max, weights=weights, n_batches=stats["n_batches"])
