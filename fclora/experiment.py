@@ -197,6 +197,11 @@ def test_predictions(logits:torch.Tensor, y:torch.Tensor, index:torch.Tensor, te
     return dict(index=index.numpy().astype(np.int32), label=y.numpy().astype(np.int16), pred=p.argmax(1).numpy().astype(np.int16),
                 p_true=f16(p[rows, y]), conf=f16(p.max(1).values), p_true_scaled=f16(ps[rows, y]), conf_scaled=f16(ps.max(1).values))
 
+def _eva_settings(model) -> dict:
+    "For an EVA run, the rho and whitening peft was given (as built: `eva_lora_config` may lower rho)."
+    e = getattr(getattr(model, "peft_config", {}).get("default"), "eva_config", None)
+    return {} if e is None else dict(eva=dict(rho=e.rho, whiten=e.whiten))
+
 def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, params:dict, sizes:dict, wall:dict, device) -> dict:
     "Save the adapter and `results.json`; remove the checkpoint; return the results."
     if hasattr(model, "save_pretrained") and cfg.method not in ("full", "linear"): model.save_pretrained(out/"adapter")
@@ -209,7 +214,7 @@ def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, p
         mce=before["mce"], mce_scaled=after["mce"], test_loss_scaled=after["loss"], temperature=ev["temperature"],
         class_acc_mean=before["class_acc_mean"], class_acc_std=before["class_acc_std"], params=params, wall_clock_s=wall,
         peak_memory_mb=peak_memory_mb(device), device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        host=host_info(device, autocast_dtype(cfg, device, model)), predictions=PREDICTIONS_FILE,
+        host=host_info(device, autocast_dtype(cfg, device, model)), predictions=PREDICTIONS_FILE, **_eva_settings(model),
         ranks={} if ranks is None else {n: int(r) for n, r in ranks.items()}, rank_budget=cfg.rank_budget,
         importance=_importance_json(table), history=history,
         reliability=dict(before=bins(z), after=bins(z / ev["temperature"])), **sizes)

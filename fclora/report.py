@@ -20,8 +20,9 @@ from scipy import stats
 __all__ = ['METHOD_ORDER', 'METHOD_LABELS', 'METHOD_COLORS', 'STUDY_METRICS', 'LOWER_IS_BETTER', 'NOTE_NUMBERS', 'load_results',
            'summary_table', 'mean_ci', 'aggregate', 'paired_difference', 'study_table', 'detectable_difference',
            'decision_table', 'allocation_correlation', 'allocation_agreement', 'allocation_stability', 'budget_shares',
-           'select_epochs', 'select_lr', 'with_note_column', 'plot_rank_heatmap', 'plot_importance',
-           'plot_reliability_bins', 'plot_reliability', 'plot_accuracy_vs_params', 'plot_training_curves', 'plot_run']
+           'correct_matrix', 'bootstrap_paired', 'holm', 'select_epochs', 'select_lr', 'with_note_column',
+           'plot_rank_heatmap', 'plot_importance', 'plot_reliability_bins', 'plot_reliability',
+           'plot_accuracy_vs_params', 'plot_training_curves', 'plot_run']
 
 # %% ../nbs/07_report.ipynb #53f219ed
 def load_results(*paths) -> list[dict]:
@@ -148,6 +149,42 @@ def budget_shares(results:list[dict], arm:str) -> tuple[pd.Series, pd.Series]:
     df = pd.DataFrame(rows, columns=["seed", "block", "projection", "share"])
     per_seed = lambda key: df.groupby(["seed", key])["share"].sum().groupby(key).mean()
     return per_seed("projection"), per_seed("block")
+
+# %% ../nbs/07_report.ipynb #1158f4af
+def correct_matrix(results:list[dict], arm:str, seeds) -> tuple[np.ndarray, np.ndarray]:
+    "(seeds x test images) booleans: was each test image right in the arm's run of each seed, and the images' indices."
+    rows, index = [], None
+    for s in seeds:
+        r = _runs_of(results, arm)[s]
+        pr = np.load(Path(r["path"])/r.get("predictions", "predictions.npz"))
+        order = np.argsort(pr["index"], kind="stable")
+        if index is None: index = pr["index"][order]
+        elif not np.array_equal(index, pr["index"][order]): raise ValueError(f"{arm} seed {s} saw other test images")
+        rows.append((pr["pred"] == pr["label"])[order])
+    return np.array(rows), index
+
+def bootstrap_paired(a:np.ndarray, # (seeds x images) scores of arm A, e.g. 1 where an image was right
+                     b:np.ndarray, # the same for arm B, same seeds and images in the same order
+                     n_boot:int=10_000, level:float=0.95, seed:int=0, block:int=250) -> dict:
+    "Mean of A - B with a bootstrap interval over seeds and test images together (one image draw shared by A and B)."
+    d = np.asarray(a, float) - np.asarray(b, float)
+    S, N = d.shape
+    rng, stat = np.random.default_rng(seed), []
+    for start in range(0, n_boot, block):
+        k = min(block, n_boot - start)
+        per_seed = d @ rng.multinomial(N, np.full(N, 1 / N), size=k).T / N        # S x k: each seed's mean on resampled images
+        stat.append((rng.multinomial(S, np.full(S, 1 / S), size=k) * per_seed.T).sum(1) / S)   # resampled seeds
+    stat = np.concatenate(stat)
+    lo, hi = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return dict(mean=float(d.mean()), low=float(lo), high=float(hi), seeds=S, images=N)
+
+def holm(pvalues) -> np.ndarray:
+    "Holm's step-down adjusted p values, in the input's order."
+    p = np.asarray(pvalues, float)
+    order = np.argsort(p)
+    adj = np.minimum(1, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    out = np.empty_like(adj); out[order] = adj
+    return out
 
 # %% ../nbs/07_report.ipynb #83c6ca60
 def select_epochs(val_acc:list[float], # validation accuracy after each epoch of one run

@@ -43,6 +43,10 @@ def test_results_complete_and_consistent(runs, method):
         assert p["adapter"] == sum(rank * (64 + 64) for rank in r["ranks"].values())   # r (d_in + d_out)
     if method == "fclora": assert sorted(r["importance"]) == sorted(r["ranks"])
     if method == "eva": assert r["importance"] == {} and min(r["ranks"].values()) >= r["config"]["r_min"]   # EVA: ranks, no scores
+    if method == "eva":   # the settings peft was given, as the saved adapter says
+        saved = json.loads((runs/method/"adapter"/"adapter_config.json").read_text())["eva_config"]
+        assert r["eva"] == {"rho": saved["rho"], "whiten": saved["whiten"]}
+    else: assert "eva" not in r
     assert sorted(f.name for f in (runs/method).iterdir()) == sorted(
         ["config.json", "plan.json", "results.json", "predictions.npz", "10_cifar10.ipynb"] + (["adapter"] if method not in ("full", "linear") else []))
     if method == "linear": assert p["adapter"] == 0 and p["trainable"] == p["head"] == 650

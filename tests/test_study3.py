@@ -1,0 +1,108 @@
+"""Study III (issue 22, results/study3-vits-*/): the committed design is the issue's, every run it describes is a
+valid configuration with one recipe per dataset, the phases follow the rules fixed in advance (checked on
+constructed runs), and the runs committed so far are the ones the design and the rules call for."""
+import json, statistics, sys
+from pathlib import Path
+
+import pytest
+
+from fclora.core import Config
+from fclora.experiment import make_config, validate_config
+from fclora.allocation import check_budget
+from fclora.cli import sweep_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/"tools"))
+import study3   # noqa: E402
+
+FOLDERS = {ds: ROOT/f for ds, f in study3.STUDIES.items()}
+GRID = [1e-3, 3e-3, 6e-3, 1e-2]
+
+
+def design(ds): return study3.design(FOLDERS[ds])
+
+
+def test_designs_are_the_issue_design():
+    c10, c100 = design("cifar10"), design("cifar100")
+    for d, n_train, budget, data in [(c10, 2000, 82, "cifar10"), (c100, 4000, 129, "cifar100")]:
+        s = d["settings"]
+        assert (s["train_subset"], s["test_subset"], s["image_size"], s["rank_budget"]) == (n_train, 5000, 112, budget)
+        assert s["dataset"] == f"../shared/data/{data}" and s["model_name"] == "../shared/models/vit-small-patch14-imgfocus"
+        assert s["precision"] == "fp32"   # one precision for the whole study, never "auto" (it would follow the host)
+        assert d["lr_grid"]["lora"] == d["lr_grid"]["fclora"] == GRID
+        seeds = {s for a in d["arms"].values() for s in a["seeds"]}
+        assert d["selection_seed"] not in seeds   # selection never uses an evaluation seed
+        check_budget(36, budget, Config.r_min, Config.r_max)
+    n = lambda d, arm: len(d["arms"][arm]["seeds"])
+    assert n(c100, "lora") >= 10 and n(c100, "fclora") >= 10 and n(c100, "fclora-static") >= 5
+    assert n(c100, "full") >= 3 and n(c100, "linear") >= 3 and len(c100["lr_grid"]["full"]) == len(c100["lr_grid"]["linear"]) == 3
+    assert n(c10, "lora") >= 8 and n(c10, "fclora") >= 8 and set(c10["arms"]) == {"lora", "fclora"}
+    assert c100["arms"]["fclora-static"]["method"] == "static" and c100["arms"]["fclora-static"]["lr_from"] == "fclora"
+    for d in (c10, c100):   # seeds 0..n-1, each arm pairing with uniform LoRA seed by seed
+        for a in d["arms"].values(): assert a["seeds"] == list(range(len(a["seeds"])))
+
+
+def test_static_prior_is_study2_mean_fclora_ranks():
+    prior = json.loads((FOLDERS["cifar100"]/"static-prior.json").read_text())
+    runs = [json.loads(f.read_text()) for f in sorted((ROOT/"results/study2-vits-cifar10").glob("fclora-seed*/results.json"))]
+    assert len(runs) == 10
+    assert prior == pytest.approx({n: statistics.mean(r["ranks"][n] for r in runs) for n in runs[0]["ranks"]})
+
+
+def test_every_phase_run_is_a_valid_config(tmp_path, monkeypatch):
+    "Every run the rules can call for (any epochs, any rate of the grid) validates, in both datasets."
+    monkeypatch.chdir(ROOT)   # rank_prior and data paths are relative to the repository root
+    for ds in FOLDERS:
+        d = design(ds)
+        arms = {**study3.grid_arms(d, 3), **study3.eval_arms(d, 3, {a: g[0] for a, g in d["lr_grid"].items()})}
+        for arm, seed, over in sweep_runs(arms, [d["selection_seed"]]):
+            validate_config(make_config("paper", ds, **{**d["settings"], **over}, seed=seed, arm=arm))
+
+
+def _fake_run(folder, arm, seed, val_acc):
+    run = Path(folder)/f"{arm}-seed{seed}"; run.mkdir(parents=True)
+    (run/"results.json").write_text(json.dumps(dict(history=[dict(epoch=e, val_acc=a) for e, a in enumerate(val_acc, 1)])))
+
+
+def test_phases_follow_the_rules(tmp_path, monkeypatch):
+    "On constructed selection runs: the epochs from the schedule curve, each arm's rate from the grid, arms.json from both."
+    monkeypatch.chdir(tmp_path)
+    for ds, f in study3.STUDIES.items():
+        Path(f).mkdir(parents=True); (Path(f)/"design.json").write_text((FOLDERS[ds]/"design.json").read_text())
+    folder, d = Path(study3.STUDIES["cifar100"]), design("cifar100")
+    assert [p for p, _, _ in study3.phases(folder)] == ["schedule"]
+    name, over = study3.schedule_arm(d)
+    assert over == dict(method="lora", lr=3e-3, epochs=8)
+    _fake_run(folder, name, 100, [.30, .40, .45, .48, .496, .50, .499, .50])   # within 0.5 points of .50 from epoch 5
+    assert study3.chosen_epochs(folder, d) == 5
+    assert [p for p, _, _ in study3.phases(folder)] == ["schedule", "lr grid"]
+    best = {"lora": 6e-3, "fclora": 3e-3, "full": 5e-5, "linear": 1e-2}
+    for arm, lrs in d["lr_grid"].items():
+        for lr in lrs: _fake_run(folder, f"select-{arm}-lr{lr:g}", 100, [.1, .6 if lr == best[arm] else .5])
+    assert study3.chosen_lrs(folder, d, 5) == best
+    ph = study3.phases(folder)
+    assert [p for p, _, _ in ph] == ["schedule", "lr grid", "evaluation"]
+    arms = json.loads((folder/"arms.json").read_text())["arms"]
+    assert arms == ph[2][2]
+    assert {a: (o["epochs"], o["lr"]) for a, o in arms.items()} == {
+        "lora": (5, 6e-3), "fclora": (5, 3e-3), "fclora-static": (5, 3e-3), "full": (5, 5e-5), "linear": (5, 1e-2)}
+    assert all(o["test_subset"] == d["selection_test_subset"] for _, s, _ in ph[:2] for o in [s])   # selection: few test images
+    todo = study3.pending(".")
+    assert todo[0][0] == "cifar10" and todo[0][2] == name              # the other dataset's schedule run comes first
+    assert [t[3] for t in todo if t[0] == "cifar100"][:5] == [0] * 5   # then evaluation seed by seed
+
+
+def test_committed_runs_follow_the_design():
+    "Each committed run is one the design and the rules call for, in fp32 with one thread, its arms.json the rules' own."
+    for ds, folder in FOLDERS.items():
+        runs = sorted(folder.glob("*-seed*/results.json"))
+        if not runs: continue
+        wanted = {f"{a}-seed{s}": (settings, over) for _, settings, arms in study3.phases(folder)
+                  for a, s, over in sweep_runs(arms, [0])}
+        for f in runs:
+            r = json.loads(f.read_text())
+            settings, over = wanted[f.parent.name]
+            cfg = r["config"]
+            assert all(cfg[k] == v for k, v in {**settings, **over}.items() if k != "seeds"), f.parent.name
+            assert r["host"]["precision"] == "fp32" and r["host"]["threads"] == 1, f.parent.name
+            assert (f.parent/"predictions.npz").exists() and (f.parent/"config.json").exists()
