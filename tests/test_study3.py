@@ -77,8 +77,12 @@ def test_phases_follow_the_rules(tmp_path, monkeypatch):
     assert study3.chosen_epochs(folder, d) == 5
     assert [p for p, _, _ in study3.phases(folder)] == ["schedule", "lr grid"]
     best = {"lora": 6e-3, "fclora": 3e-3, "full": 5e-5, "linear": 1e-2}
-    for arm, lrs in d["lr_grid"].items():
-        for lr in lrs: _fake_run(folder, f"select-{arm}-lr{lr:g}", 100, [.1, .6 if lr == best[arm] else .5])
+    for arm in ("lora", "fclora"):   # the primary pair's grids first: its arms (and fclora-static, at fclora's rate) can start
+        for lr in d["lr_grid"][arm]: _fake_run(folder, f"select-{arm}-lr{lr:g}", 100, [.1, .6 if lr == best[arm] else .5])
+    assert study3.chosen_lrs(folder, d, 5) == {"lora": 6e-3, "fclora": 3e-3}
+    assert set(study3.phases(folder)[2][2]) == {"lora", "fclora", "fclora-static"}
+    for arm in ("full", "linear"):
+        for lr in d["lr_grid"][arm]: _fake_run(folder, f"select-{arm}-lr{lr:g}", 100, [.1, .6 if lr == best[arm] else .5])
     assert study3.chosen_lrs(folder, d, 5) == best
     ph = study3.phases(folder)
     assert [p for p, _, _ in ph] == ["schedule", "lr grid", "evaluation"]
@@ -89,7 +93,10 @@ def test_phases_follow_the_rules(tmp_path, monkeypatch):
     assert all(o["test_subset"] == d["selection_test_subset"] for _, s, _ in ph[:2] for o in [s])   # selection: few test images
     todo = study3.pending(".")
     assert todo[0][0] == "cifar10" and todo[0][2] == name              # the other dataset's schedule run comes first
-    assert [t[3] for t in todo if t[0] == "cifar100"][:5] == [0] * 5   # then evaluation seed by seed
+    primary = [study3._primary(d, t[2]) for t in todo]
+    assert primary == sorted(primary, reverse=True) and primary.count(False) == 5 + 3 + 3   # then every primary run, then the rest
+    c100 = [t for t in todo if t[0] == "cifar100"]
+    assert [(t[2], t[3]) for t in c100[:4]] == [("lora", 0), ("fclora", 0), ("lora", 1), ("fclora", 1)]   # seed by seed
 
 
 def test_committed_runs_follow_the_design():

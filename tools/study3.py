@@ -46,23 +46,23 @@ def grid_arms(d, epochs:int) -> dict:
             for arm, lrs in d["lr_grid"].items() for lr in lrs}
 
 
-def chosen_lrs(folder, d, epochs:int) -> dict|None:
-    "Phase 2's answer: {arm: rate} for every arm of the grid, or None until its runs are done."
+def chosen_lrs(folder, d, epochs:int) -> dict:
+    "Phase 2's answers so far: {arm: rate} for each arm of the grid whose runs are all done."
     from fclora.report import select_lr
     val = {}
     for arm, lrs in d["lr_grid"].items():
         rs = {lr: _results(folder, f"select-{arm}-lr{_lr_name(lr)}", d["selection_seed"]) for lr in lrs}
-        if any(r is None for r in rs.values()): return None
-        val[arm] = select_lr({lr: r["history"][-1]["val_acc"] for lr, r in rs.items()})
+        if all(r is not None for r in rs.values()):
+            val[arm] = select_lr({lr: r["history"][-1]["val_acc"] for lr, r in rs.items()})
     return val
 
 
 def eval_arms(d, epochs:int, lrs:dict) -> dict:
-    "Phase 3: the design's arms at the chosen epochs and rates (an arm with `lr_from` takes that arm's rate)."
+    "Phase 3: the design's arms whose rate is chosen, at the chosen epochs and rates (`lr_from`: another arm's rate)."
     arms = {}
     for name, a in d["arms"].items():
         a = dict(a); lr_from = a.pop("lr_from", name)
-        arms[name] = dict(a, epochs=epochs, lr=lrs[lr_from], seeds=a["seeds"])
+        if lr_from in lrs: arms[name] = dict(a, epochs=epochs, lr=lrs[lr_from], seeds=a["seeds"])
     return arms
 
 
@@ -74,29 +74,39 @@ def phases(folder) -> list[tuple[str, dict, dict]]:
     out = [("schedule", sel, {name: dict(over, seeds=[d["selection_seed"]])})]
     if (epochs := chosen_epochs(folder, d)) is None: return out
     out.append(("lr grid", sel, {a: dict(o, seeds=[d["selection_seed"]]) for a, o in grid_arms(d, epochs).items()}))
-    if (lrs := chosen_lrs(folder, d, epochs)) is None: return out
-    arms = eval_arms(d, epochs, lrs)
+    if not (arms := eval_arms(d, epochs, chosen_lrs(folder, d, epochs))): return out
     spec = dict(about=f"Study III evaluation arms, written by tools/study3.py from design.json and the selection runs "
-                      f"(epochs {epochs} from the schedule run, each arm's learning rate from the lr grid).",
+                      f"(epochs {epochs} from the schedule run, each arm's learning rate from the lr grid; an arm appears once its rate is chosen).",
                 settings=d["settings"], arms=arms)
     f = Path(folder)/"arms.json"
     if not f.exists() or json.loads(f.read_text()) != spec: f.write_text(json.dumps(spec, indent=1) + "\n")
     return out + [("evaluation", d["settings"], arms)]
 
 
+PRIMARY = ("lora", "fclora")   # the primary pair: its runs come first, so a study cut short loses secondary runs only
+
+
+def _primary(d, arm:str) -> bool:
+    "Whether a run of `arm` (an evaluation arm, or a selection run) serves the primary pair."
+    base = arm.removeprefix("select-").rsplit("-lr", 1)[0].split("-e")[0] if arm.startswith("select-") else arm
+    return base in PRIMARY
+
+
 def pending(root=".") -> list[tuple[str, str, str, int, dict, dict]]:
-    "(dataset, folder, arm, seed, overrides, settings) of every run not yet done whose phase is known, phase by phase, seed by seed."
+    """(dataset, folder, arm, seed, overrides, settings) of every run not yet done whose phase is known: the primary
+    pair's runs first, then by phase, then seed by seed (both datasets' pairs grow evenly)."""
     from fclora.cli import sweep_runs
     todo = []
     for rank, phase in enumerate(("schedule", "lr grid", "evaluation")):
         for ds, folder in STUDIES.items():
-            folder = Path(root)/folder
+            folder, d = Path(root)/folder, design(Path(root)/folder)
             for ph, settings, arms in phases(folder):
                 if ph != phase: continue
                 for arm, seed, over in sweep_runs(arms, [0]):
-                    if _results(folder, arm, seed) is None: todo.append((rank, seed, ds, str(folder), arm, over, settings))
-    todo.sort(key=lambda t: (t[0], t[1]))   # phase, then seed: both datasets' pairs grow evenly
-    return [(ds, folder, arm, seed, over, settings) for _, seed, ds, folder, arm, over, settings in todo]
+                    if _results(folder, arm, seed) is None:
+                        todo.append((not _primary(d, arm), rank, seed, ds, str(folder), arm, over, settings))
+    todo.sort(key=lambda t: t[:3])
+    return [(ds, folder, arm, seed, over, settings) for _, _, seed, ds, folder, arm, over, settings in todo]
 
 
 def status():
@@ -104,8 +114,8 @@ def status():
         d = design(folder)
         epochs = chosen_epochs(folder, d)
         print(f"{ds}: epochs {'not chosen yet' if epochs is None else epochs}", end="")
-        lrs = chosen_lrs(folder, d, epochs) if epochs else None
-        print(f"; learning rates {'not chosen yet' if lrs is None else lrs}")
+        lrs = chosen_lrs(folder, d, epochs) if epochs else {}
+        print(f"; learning rates {lrs or 'not chosen yet'}")
         for ph, _, arms in phases(folder):
             from fclora.cli import sweep_runs
             runs = sweep_runs(arms, [0])
