@@ -45,8 +45,8 @@ if [[ -z "$VENV" ]]; then
   CMD='python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/nbdev_test && .venv/bin/pytest tests'
 else  # the same command after the install, in an environment that reuses $VENV's packages
   python3 -m venv .venv
-  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "$site" > ".venv/lib/$(basename "$(dirname "$site")")/site-packages/zz-reused-venv.pth"
+  "$VENV/bin/python" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' \
+    > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-reused-venv.pth"
   for f in "$VENV"/bin/*; do  # the console scripts (pytest, nbdev_test, jupyter, ...), run by the clone's python
     n=$(basename "$f"); [[ -e ".venv/bin/$n" ]] && continue
     if head -c 2 "$f" | grep -q '#!'; then sed "1s|^#!.*python.*$|#!$PWD/.venv/bin/python|" "$f" > ".venv/bin/$n"; chmod +x ".venv/bin/$n"; fi
