@@ -66,7 +66,7 @@ stop_busy
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 
 grep -E '^(SKIPPED|FAILED|ERROR)' "$LOG" | tail -40 || true
-summary=$(grep -E '^=+ .*(passed|failed|error).* in ' "$LOG" | tail -1 | tr -d '=' | sed 's/^ *//')
+summary=$(grep -E '^=+ .*(passed|failed|error).* in ' "$LOG" | tail -1 | tr -d '=' | sed 's/^ *//' || true)
 echo "busy_ci.sh: $BUSY busy processes on $(nproc) cores: $([[ $rc == 0 ]] && echo PASS || echo "FAIL (exit $rc)") in ${took} s" \
      "(pytest: ${summary:-no summary: see the log}; load average at the end $load; install: ${VENV:+reused $VENV}${VENV:-pip})"
 if [[ $rc == 0 && $KEEP == 0 ]]; then rm -rf "$TMP"; else echo "busy_ci.sh: log $LOG"; fi
