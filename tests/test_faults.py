@@ -157,7 +157,7 @@ def valid_configs(draw):
                 test_subset=maybe(st.integers(1, 10**5)), seed=i(0, 2**31), precision=draw(st.sampled_from(["auto", "fp32", "bf16"])),
                 device=draw(st.sampled_from(["auto", "cpu", "cuda"])), nproc=nproc, nnodes=nnodes, node_rank=i(0, nnodes - 1),
                 master_addr="127.0.0.1" if nnodes > 1 else maybe(st.just("10.0.0.1")), master_port=maybe(st.integers(1, 65535)),
-                ckpt_every_steps=i(0, 1000), compile=draw(st.booleans()))
+                ckpt_every_steps=i(0, 1000), compile=draw(st.booleans()), allow_emulated_bf16=draw(st.booleans()))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))

@@ -47,6 +47,7 @@ else  # the same command after the install, in an environment that reuses $VENV'
   python3 -m venv .venv
   "$VENV/bin/python" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' \
     > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-reused-venv.pth"
+  for d in share etc; do [[ -d "$VENV/$d" ]] && ln -s "$VENV/$d" ".venv/$d"; done   # Jupyter's templates and kernel specs
   for f in "$VENV"/bin/*; do  # the console scripts (pytest, nbdev_test, jupyter, ...), run by the clone's python
     n=$(basename "$f"); [[ -e ".venv/bin/$n" ]] && continue
     if head -c 2 "$f" | grep -q '#!'; then sed "1s|^#!.*python.*$|#!$PWD/.venv/bin/python|" "$f" > ".venv/bin/$n"; chmod +x ".venv/bin/$n"; fi
@@ -68,6 +69,6 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
 grep -E '^(SKIPPED|FAILED|ERROR)' "$LOG" | tail -40 || true
 summary=$(grep -E '^=+ .*(passed|failed|error).* in ' "$LOG" | tail -1 | tr -d '=' | sed 's/^ *//' || true)
 echo "busy_ci.sh: $BUSY busy processes on $(nproc) cores: $([[ $rc == 0 ]] && echo PASS || echo "FAIL (exit $rc)") in ${took} s" \
-     "(pytest: ${summary:-no summary: see the log}; load average at the end $load; install: ${VENV:+reused $VENV}${VENV:-pip})"
+     "(pytest: ${summary:-no summary: see the log}; load average at the end $load; install: $([[ -n $VENV ]] && echo "reused $VENV" || echo pip))"
 if [[ $rc == 0 && $KEEP == 0 ]]; then rm -rf "$TMP"; else echo "busy_ci.sh: log $LOG"; fi
 exit $rc
