@@ -172,7 +172,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-emulated-bf16", action="store_true",
-                   help="bf16 even on a CPU without native bf16 (emulated: about 100x slower); --smoke implies it")
+                   help="bf16 even on a CPU without native bf16 (emulated: about 15x slower than float32); --smoke implies it")
     args = p.parse_args()
     if args.smoke:
         args.allow_emulated_bf16 = True  # a check that the script runs, on a tiny model: any CPU will do

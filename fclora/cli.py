@@ -187,7 +187,7 @@ def host_conflict(out_dir, cfg:Config) -> str|None:
         if device == "cpu" and h["precision"] == "bf16" and (h["native_bf16_cpu"] is not False) != native:  # (older runs: native)
             if not native:
                 return (f"{run} ran in bf16 on a CPU with native bf16 ({h['cpu']}); this CPU ({_cpu_name()}) emulates bf16, "
-                        f"about 100x slower and not the same arithmetic: continue this study on a CPU with AMX or AVX512-BF16")
+                        f"about 15x slower than float32 and not the same arithmetic: continue this study on a CPU with AMX or AVX512-BF16")
             return (f"{run} ran in bf16 emulated on a CPU without native bf16 ({h['cpu']}); this CPU ({_cpu_name()}) has it: "
                     f"not the same arithmetic, so continue this study on a CPU without native bf16, or start a new one")
         if cfg.precision != "auto" and h["precision"] not in (None, "auto", cfg.precision):

@@ -56,7 +56,7 @@ class Config:
     arm: str | None = None  # the name of this variant in a study (e.g. fclora-fisher): results and folders use it; None: the method
     out_dir: str | None = None  # None: runs/<dataset>-<arm or method>-seed<seed>
     precision: str = "auto"  # auto (bf16 on a GPU, and on a CPU with native bf16 for models >= 256 wide; else fp32: training.autocast_dtype), fp32, bf16
-    allow_emulated_bf16: bool = False  # run bf16 on a CPU without native bf16 (emulated, ~100x slower); refused unless True
+    allow_emulated_bf16: bool = False  # run bf16 on a CPU without native bf16 (emulated: ~15x slower than float32); refused unless True
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile the model (falls back with a warning)
     nproc: int = 1  # processes per machine (torchrun --nproc-per-node; DDP: gloo on CPU, NCCL on GPU)

@@ -111,7 +111,7 @@ def check_precision(cfg:Config, device:torch.device,
     "Refuse, in one line, a bf16 run on a CPU that would emulate bf16, unless `cfg.allow_emulated_bf16`."
     if cfg.precision != "bf16" or device.type != "cpu" or (native_bf16("cpu") if native is None else native): return
     what = (f"precision=bf16 on this CPU ({_cpu_name()}, vector capability {torch.backends.cpu.get_cpu_capability()}): "
-            f"it has no native bf16 (neither AMX nor AVX512-BF16), so bf16 would be emulated, about 100x slower than float32")
+            f"it has no native bf16 (neither AMX nor AVX512-BF16), so bf16 would be emulated, about 15x slower than float32")
     if not cfg.allow_emulated_bf16:
         raise FcloraError(f'{what}; use precision="fp32" (--precision fp32), or allow_emulated_bf16=True '
                           f'(--allow-emulated-bf16) to run it anyway')
