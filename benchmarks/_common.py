@@ -23,9 +23,23 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def emit(obj: dict):
-    "One JSON line on stdout: the only thing a benchmark prints there."
-    print(json.dumps(obj), flush=True)
+def emit(obj: dict, device="cpu"):
+    """One JSON line on stdout: the only thing a benchmark prints there. It ends with `host`, what the numbers ran on
+    (fclora's `host_info`: device, CPU model, vector capability, native bf16, threads, precision, versions)."""
+    from fclora.training import host_info
+    prec = obj.get("resolved_precision", obj.get("precision"))
+    host = host_info(torch.device(device), torch.bfloat16 if prec == "bf16" else None)
+    if isinstance(obj.get("threads"), int) and obj["threads"] > 0: host["threads"] = obj["threads"]  # the measuring process's
+    print(json.dumps({**obj, "host": host}), flush=True)
+
+
+def check_precisions(precisions, device="cpu", allow_emulated_bf16=False):
+    "Before any work: refuse bf16 on a CPU that would emulate it (fclora's `check_precision`), in one line, unless insisted."
+    from fclora.core import Config, FcloraError
+    from fclora.training import check_precision
+    for p in precisions:
+        try: check_precision(Config(precision=p, allow_emulated_bf16=allow_emulated_bf16), torch.device(device))
+        except FcloraError as e: raise SystemExit(f"{Path(sys.argv[0]).name}: {e}") from None
 
 
 def median(v):
@@ -53,6 +67,8 @@ def add_common_args(p: argparse.ArgumentParser, precision_default="fp32"):
                         "instead of fclora's random-deit-tiny (4 layers, 64 wide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--allow-emulated-bf16", action="store_true",
+                   help="measure bf16 even on a CPU without native bf16 (emulated: about 15x slower than float32); refused otherwise")
     return p
 
 
@@ -118,11 +134,11 @@ def train_images(n: int | None = None, seed: int = 0):
 
 
 def fclora_config(image_size: int, batch_size: int, budget: int, score_batches: int, seed: int = 0,
-                  precision: str = "fp32", method: str = "fclora", device: str = "cpu"):
+                  precision: str = "fp32", method: str = "fclora", device: str = "cpu", allow_emulated_bf16: bool = False):
     from fclora.core import Config
     return Config(method=method, model_name="benchmark", dataset="benchmark", image_size=image_size, epochs=10**4,
                   batch_size=batch_size, rank_budget=budget, score_batches=score_batches, seed=seed,
-                  precision=precision, device=device, progress=False)
+                  precision=precision, device=device, progress=False, allow_emulated_bf16=allow_emulated_bf16)
 
 
 def fclora_model(model, data, cfg, mean, std):

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
-from _common import log, emit, sync, fclora_steps
+from _common import log, emit, sync, fclora_steps, check_precisions
 
 
 def synthetic(n, seed, device, num_classes=10):
@@ -79,7 +79,7 @@ def run_method(method, data, args, device, flop_fwd):
     cfg = Config(method=method, model_name=args.model, dataset="synthetic", image_size=args.image_size, epochs=1,
                  batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, score_batches=args.score_batches,
                  rank_budget=args.rank_budget, precision=args.precision, device=device.type, progress=False,
-                 compile=args.compile, seed=args.seed)
+                 compile=args.compile, seed=args.seed, allow_emulated_bf16=args.allow_emulated_bf16)
     t = time.perf_counter()
     model = load_model(args.model, 10, args.image_size, args.seed).to(device)
     setup_s = time.perf_counter() - t
@@ -171,13 +171,17 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-emulated-bf16", action="store_true",
+                   help="bf16 even on a CPU without native bf16 (emulated: about 15x slower than float32); --smoke implies it")
     args = p.parse_args()
     if args.smoke:
+        args.allow_emulated_bf16 = True  # a check that the script runs, on a tiny model: any CPU will do
         args.model, args.image_size, args.batch_size, args.eval_batch_size = "random-deit-tiny", 32, 32, 128
         args.score_batches, args.rank_budget, args.n_train, args.n_val, args.n_test = 3, 24, 320, 128, 128
         args.warm_steps = 2
     if args.threads: torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_precisions([args.precision], device, args.allow_emulated_bf16)
     if device.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = True
     log(f"device {device}; model {args.model} at {args.image_size} px; batch {args.batch_size}; {args.precision}")
     t0 = time.perf_counter()
@@ -190,18 +194,18 @@ def main():
     for m in args.methods.split(","):
         log(f"[{m}] scoring / 1 epoch of {args.n_train} / eval ...")
         res[m] = run_method(m, data, args, device, flop_fwd)
-        emit(res[m])
+        emit(res[m], device)
         log(f"[{m}] scoring {res[m]['scoring_s']}s, epoch {res[m]['epoch_s']}s ({res[m]['train_img_s_steady']} img/s "
             f"steady, MFU {res[m]['mfu_train_steady']}), eval {res[m]['eval_s']}s, peak {res[m]['peak_memory_mb']} MB, "
             f"{args.epochs}-epoch protocol ~{res[m]['extrapolated_total_min']} min")
     if {"fclora", "full"} <= set(res):
         a, b = res["fclora"], res["full"]
-        emit(dict(kind="summary", fclora_vs_full_train_img_s=round(a["train_img_s_steady"] / b["train_img_s_steady"], 3),
+        emit(dict(kind="summary", precision=args.precision, fclora_vs_full_train_img_s=round(a["train_img_s_steady"] / b["train_img_s_steady"], 3),
                   fclora_vs_full_peak_memory=round(a["peak_memory_mb"] / b["peak_memory_mb"], 3) if device.type == "cuda" else None,
                   fclora_vs_full_epoch_time=round(a["epoch_s"] / b["epoch_s"], 3),
                   fclora_vs_full_protocol_time=round(a["extrapolated_total_s"] / b["extrapolated_total_s"], 3),
                   scoring_share_of_fclora_protocol=round(a["scoring_s"] / a["extrapolated_total_s"], 4),
-                  wall_s=round(time.perf_counter() - t0, 1)))
+                  wall_s=round(time.perf_counter() - t0, 1)), device)
 
 
 if __name__ == "__main__":

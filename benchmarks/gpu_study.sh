@@ -13,7 +13,8 @@ OUT=results/study2-gpu-vits-cifar10
 EXTRA=()
 if [[ "${1:-}" == "--smoke" ]]; then
   OUT=$(mktemp -d)/study2-gpu-smoke
-  EXTRA=(--device cpu --image-size 28 --train-subset 200 --test-subset 100 --score-batches 2 --epochs 1 --batch-size 16)
+  # a check of the script, not a measurement: bf16 (the arms') even on a CPU that emulates it
+  EXTRA=(--allow-emulated-bf16 --device cpu --image-size 28 --train-subset 200 --test-subset 100 --score-batches 2 --epochs 1 --batch-size 16)
 fi
 [[ -d ../shared/models/vit-small-patch14-imgfocus ]] || { echo "gpu_study.sh: needs ../shared (the ViT-S/14 and CIFAR-10)" >&2; exit 2; }
 start=$(date +%s)

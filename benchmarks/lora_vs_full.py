@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import (log, emit, median, set_threads, add_common_args, model_choices, resolve_models, build_model,
+from _common import (log, emit, check_precisions, median, set_threads, add_common_args, model_choices, resolve_models, build_model,
                      train_images, fclora_config, fclora_model, fclora_steps, sync)
 
 
@@ -53,7 +53,7 @@ def worker(args):
     from fclora.lora import find_qkv_modules
     cfg = fclora_config(size, args.batch_size, args.rank * len(find_qkv_modules(model)), args.score_batches,
                         args.seed, args.precision, method="fclora" if args.worker == "lora" else "full",
-                        device=args.device)
+                        device=args.device, allow_emulated_bf16=args.allow_emulated_bf16)
     if args.worker == "lora": model, _ = fclora_model(model, data, cfg, mean, std)
     else: model = adapt_model(model, None, cfg, 1000)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -76,6 +76,7 @@ def run_worker(method, spec, size, args):
     for k in ("threads", "batch_size", "rank", "score_batches", "seed", "device", "precision", "steps", "warmup",
               "train_images"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    if args.allow_emulated_bf16: cmd.append("--allow-emulated-bf16")
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode: raise SystemExit(f"{method} worker failed:\n{out.stderr[-3000:]}")
@@ -98,6 +99,7 @@ def main():
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker: return worker(args)
+    check_precisions([args.precision], args.device, args.allow_emulated_bf16)
     for spec, size, label in resolve_models(args.models, args.tiny_config):
         log(f"[{label} at {size} px]")
         runs = {"lora": [], "full": []}
@@ -117,7 +119,8 @@ def main():
                   lora_base_mb=round(lo["base_mb"], 1), full_base_mb=round(fu["base_mb"], 1),
                   lora_trainable=lo["trainable"], full_trainable=fu["trainable"],
                   memory_measure="cuda max_memory_allocated" if args.device.startswith("cuda") else
-                  ("ru_maxrss after clear_refs reset" if lo["peak_reset"] and fu["peak_reset"] else "ru_maxrss (no reset)")))
+                  ("ru_maxrss after clear_refs reset" if lo["peak_reset"] and fu["peak_reset"] else "ru_maxrss (no reset)")),
+             args.device)
 
 
 if __name__ == "__main__":

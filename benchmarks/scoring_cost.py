@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import (log, emit, median, set_threads, add_common_args, build_model, train_images, fclora_config,
+from _common import (log, emit, check_precisions, median, set_threads, add_common_args, build_model, train_images, fclora_config,
                      fclora_steps, timed, TINY_REF, VIT_S, sync)
 
 
@@ -29,7 +29,8 @@ def measure(kind, spec, size, label, n_batches, args, data, source, **overrides)
     scored, mean, std = build_model(spec, data.num_classes, size, args.seed, **overrides)
     trained, _, _ = build_model(spec, data.num_classes, size, args.seed, **overrides)
     names = find_qkv_modules(scored)
-    cfg = fclora_config(size, args.batch_size, args.rank * len(names), n_batches, args.seed, args.precision)
+    cfg = fclora_config(size, args.batch_size, args.rank * len(names), n_batches, args.seed, args.precision,
+                        allow_emulated_bf16=args.allow_emulated_bf16)
     dtype = autocast_dtype(cfg, torch.device(args.device))
     scored.to(args.device); trained.to(args.device)
     data = data.to(args.device)
@@ -53,7 +54,7 @@ def measure(kind, spec, size, label, n_batches, args, data, source, **overrides)
               precision=args.precision, threads=args.threads, data=source, batches=n_batches,
               scoring_s=round(s, 4), training_s=round(t, 4), ratio=round(s / t, 3),
               scoring_ms_per_batch=round(1000 * s / n_batches, 2), training_ms_per_step=round(1000 * t / n_batches, 2),
-              windows=args.windows))
+              windows=args.windows), args.device)
 
 
 def main():
@@ -68,6 +69,7 @@ def main():
     p.add_argument("--depth-batches", type=int, default=20)
     p.add_argument("--train-images", type=int, default=2048)
     args = p.parse_args()
+    check_precisions([args.precision], args.device, args.allow_emulated_bf16)
     log(f"threads: {set_threads(args.threads)}")
     data, source = train_images(args.train_images, args.seed)
     tiny = (TINY_REF, "deit-tiny-ref-6x192") if args.tiny_config else ("random-deit-tiny", "random-deit-tiny")

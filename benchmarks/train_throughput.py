@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from torch import nn
-from _common import (log, emit, median, set_threads, add_common_args, model_choices, resolve_models, build_model,
+from _common import (log, emit, check_precisions, median, set_threads, add_common_args, model_choices, resolve_models, build_model,
                      train_images, fclora_config, fclora_model, fclora_steps, fclora_batch, timed)
 
 
@@ -93,7 +93,8 @@ def measure(spec, size, label, precision, args, data, source):
     base, mean, std = build_model(spec, data.num_classes, size, args.seed)
     n_mod = len(find_qkv_modules(base))
     budget = args.rank * n_mod
-    cfg = fclora_config(size, args.batch_size, budget, args.score_batches, args.seed, precision)
+    cfg = fclora_config(size, args.batch_size, budget, args.score_batches, args.seed, precision,
+                        allow_emulated_bf16=args.allow_emulated_bf16)
     t = time.perf_counter()
     model_a, ranks = fclora_model(base, data, cfg, mean, std)
     log(f"[{label}] fclora ranks {ranks.min()}..{ranks.max()} (budget {budget} over {n_mod} modules), "
@@ -128,7 +129,7 @@ def measure(spec, size, label, precision, args, data, source):
               fclora_img_s=round(med["fclora"], 2), stock_img_s=round(med["stock"], 2),
               model_only_img_s=round(med["model_only"], 2),
               vs_stock=round(med["fclora"] / med["stock"], 3), vs_model_only=round(med["fclora"] / med["model_only"], 3),
-              windows_img_s={k: [round(r, 2) for r in v] for k, v in rates.items()}))
+              windows_img_s={k: [round(r, 2) for r in v] for k, v in rates.items()}), args.device)
     del b  # stops the persistent workers
 
 
@@ -147,9 +148,10 @@ def main():
     p.add_argument("--settle", type=float, default=0.5, help="seconds to let stock workers refill after its window")
     p.add_argument("--train-images", type=int, default=2048, help="images held in memory (class-balanced subset)")
     args = p.parse_args()
+    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    check_precisions(precisions, args.device, args.allow_emulated_bf16)
     log(f"threads: {set_threads(args.threads)}")
     data, source = train_images(args.train_images, args.seed)
-    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     for spec, size, label in resolve_models(args.models, args.tiny_config):
         for prec in precisions:
             measure(spec, size, label, prec, args, data, source)

@@ -45,7 +45,7 @@ def config_overrides(args) -> dict:
 
 # %% ../nbs/08_cli.ipynb #fa708735
 PLAN_OPTIONS = ("model_name", "dataset", "data_root", "rank_budget", "r_min", "r_max", "metric_weights", "score_batches",
-                "batch_size", "image_size", "train_subset", "val_fraction", "seed", "device", "precision", "progress")
+                "batch_size", "image_size", "train_subset", "val_fraction", "seed", "device", "precision", "allow_emulated_bf16", "progress")
 RENAMED = {"--model": "--model-name", "--budget": "--rank-budget", "--weights": "--metric-weights"}  # old plan spellings
 
 class _Renamed(argparse.Action):
@@ -81,7 +81,7 @@ def plan_command(args):
     from peft import LoraConfig, get_peft_model
     from fclora.lora import param_table
     from fclora.allocation import rank_grid
-    from fclora.training import resolve_device, autocast_dtype
+    from fclora.training import resolve_device, autocast_dtype, check_precision
     from fclora.experiment import data_and_model, scoring_batches
     planner.check_budget_unit(args.budget_unit)
     overrides = config_overrides(args)
@@ -90,6 +90,7 @@ def plan_command(args):
     validate_config(cfg)
     t0 = time.perf_counter()
     device = resolve_device(cfg)
+    check_precision(cfg, device)
     (train, _, _), model, mean, std = data_and_model(cfg, device)
     p = planner.plan(model, scoring_batches(train, cfg, mean, std), cfg.rank_budget, r_min=cfg.r_min, r_max=cfg.r_max,
                      weights=cfg.metric_weights, targets=parse_targets(args.targets), budget_unit=args.budget_unit,
@@ -138,6 +139,9 @@ def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:boo
     nb = notebook_path(experiment)
     cfg = make_config(preset, experiment, **params)
     validate_config(cfg)
+    if cfg.precision == "bf16" and not cfg.allow_emulated_bf16:   # (torch only for a bf16 run: other checks stay quick)
+        from fclora.training import check_precision, resolve_device
+        check_precision(cfg, resolve_device(cfg))
     out = check_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     executed = out/nb.name
@@ -180,9 +184,12 @@ def host_conflict(out_dir, cfg:Config) -> str|None:
         h, run = _host_of(json.loads(f.read_text())), f.parent.name
         if (h["device"] == "cpu") != (device == "cpu"):
             return f"{run} ran on {h['device']}, this run would run on {device}: a study's runs share one kind of device"
-        if device == "cpu" and h["precision"] == "bf16" and not native:
-            return (f"{run} ran in bf16 on a CPU with native bf16 ({h['cpu']}); this CPU ({_cpu_name()}) emulates bf16, "
-                    f"about 100x slower and not the same arithmetic: continue this study on a CPU with AMX or AVX512-BF16")
+        if device == "cpu" and h["precision"] == "bf16" and (h["native_bf16_cpu"] is not False) != native:  # (older runs: native)
+            if not native:
+                return (f"{run} ran in bf16 on a CPU with native bf16 ({h['cpu']}); this CPU ({_cpu_name()}) emulates bf16, "
+                        f"about 15x slower than float32 and not the same arithmetic: continue this study on a CPU with AMX or AVX512-BF16")
+            return (f"{run} ran in bf16 emulated on a CPU without native bf16 ({h['cpu']}); this CPU ({_cpu_name()}) has it: "
+                    f"not the same arithmetic, so continue this study on a CPU without native bf16, or start a new one")
         if cfg.precision != "auto" and h["precision"] not in (None, "auto", cfg.precision):
             return f"{run} ran in {h['precision']}, this run asks for {cfg.precision}: a study keeps one precision"
         if h["threads"] is not None and h["threads"] != threads:

@@ -56,6 +56,7 @@ class Config:
     arm: str | None = None  # the name of this variant in a study (e.g. fclora-fisher): results and folders use it; None: the method
     out_dir: str | None = None  # None: runs/<dataset>-<arm or method>-seed<seed>
     precision: str = "auto"  # auto (bf16 on a GPU, and on a CPU with native bf16 for models >= 256 wide; else fp32: training.autocast_dtype), fp32, bf16
+    allow_emulated_bf16: bool = False  # run bf16 on a CPU without native bf16 (emulated: ~15x slower than float32); refused unless True
     device: str = "auto"  # auto, cpu, cuda
     compile: bool = False  # torch.compile the model (falls back with a warning)
     nproc: int = 1  # processes per machine (torchrun --nproc-per-node; DDP: gloo on CPU, NCCL on GPU)
@@ -135,7 +136,7 @@ FIELD_RULES = {  # field: (is the value valid?, what a valid value is)
     "rank_prior": (_optional(lambda v: isinstance(v, str) and v != ""), "a JSON file's path or None"),
     "master_addr": (_optional(lambda v: isinstance(v, str) and v != ""), "a host name or address, or None"),
     "master_port": (_optional(lambda v: _int(v) and 0 < v < 65536), "a port number (1-65535) or None"),
-    **{f: (lambda v: isinstance(v, bool), "True or False") for f in ("augment", "compile", "resume", "overwrite", "progress")},
+    **{f: (lambda v: isinstance(v, bool), "True or False") for f in ("augment", "compile", "allow_emulated_bf16", "resume", "overwrite", "progress")},
 }
 
 def validate_config(cfg:Config):

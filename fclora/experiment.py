@@ -22,7 +22,7 @@ from .lora import load_model, image_stats, find_qkv_modules, find_head_modules, 
 from .importance import score_modules
 from .allocation import allocate_ranks, uniform_ranks, prior_ranks, check_budget, lora_config, check_adapter
 from .eva import eva_ranks, eva_lora_config, init_eva
-from .training import train, predict, resolve_device, autocast_dtype, host_info, atomic_save, atomic_write_json, world, steps_per_epoch, from_rank0
+from .training import train, predict, resolve_device, autocast_dtype, check_precision, host_info, atomic_save, atomic_write_json, world, steps_per_epoch, from_rank0
 from .calibration import fit_temperature, evaluate_logits, calibration_bins
 
 # %% auto #0
@@ -226,6 +226,7 @@ def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, p
 def run_experiment(cfg:Config) -> dict:
     "Run one method end to end (under torchrun if `cfg` asks for several processes); write and return results.json's content."
     validate_config(cfg)
+    check_precision(cfg, resolve_device(cfg))   # bf16 on a CPU that would emulate it: refused before anything is written
     out = prepare_out_dir(cfg)
     if cfg.world_size() > 1: return _launch(cfg, out)
     try: return _run(cfg, out)

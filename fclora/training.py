@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_training.ipynb #a38a0306
 from __future__ import annotations
-import json, math, os, time
+import json, math, os, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +23,12 @@ from .allocation import R_MIN, R_MAX, LORA_SCALING
 
 # %% auto #0
 __all__ = ['BF16_MIN_WIDTH', 'warmup_cosine', 'resolve_device', 'soft_cross_entropy', 'train_batch', 'native_bf16',
-           'autocast_dtype', 'keep_frozen_in_bf16', 'prepare_for_precision', 'host_info', 'world', 'from_rank0',
-           'local_batch_size', 'steps_per_epoch', 'epoch_batches', 'predict', 'is_adalora', 'adalora_orth_penalty',
-           'make_optimizer', 'train_step', 'Fit', 'start_fit', 'run_cbs', 'Callback', 'epoch_order', 'one_batch',
-           'TrainingDiverged', 'check_finite', 'Progress', 'AdaLoraUpdate', 'atomic_save', 'atomic_write_json',
-           'trainable_state', 'save_checkpoint', 'load_checkpoint', 'Checkpoint', 'evaluate', 'train_epoch', 'train']
+           'autocast_dtype', 'keep_frozen_in_bf16', 'prepare_for_precision', 'check_precision', 'host_info', 'world',
+           'from_rank0', 'local_batch_size', 'steps_per_epoch', 'epoch_batches', 'predict', 'is_adalora',
+           'adalora_orth_penalty', 'make_optimizer', 'train_step', 'Fit', 'start_fit', 'run_cbs', 'Callback',
+           'epoch_order', 'one_batch', 'TrainingDiverged', 'check_finite', 'Progress', 'AdaLoraUpdate', 'atomic_save',
+           'atomic_write_json', 'trainable_state', 'save_checkpoint', 'load_checkpoint', 'Checkpoint', 'evaluate',
+           'train_epoch', 'train']
 
 # %% ../nbs/04_training.ipynb #1035b6d3
 def warmup_cosine(total_steps:int, warmup_steps:int):
@@ -73,6 +74,7 @@ def native_bf16(device_type:str) -> bool:
 
 def autocast_dtype(cfg:Config, device:torch.device, model:nn.Module|None=None):
     "torch.bfloat16 for a bf16 run, None for float32; `auto`: bf16 on a GPU, and on a CPU for a wide model with native bf16."
+    check_precision(cfg, device)
     p = cfg.precision
     if p == "auto":
         wide = model is not None and getattr(_inner(model).config, "hidden_size", 0) >= BF16_MIN_WIDTH
@@ -96,13 +98,27 @@ def prepare_for_precision(model:nn.Module, cfg:Config, device:torch.device) -> n
         inner.set_attn_implementation("eager")
     return model
 
-# %% ../nbs/04_training.ipynb #90e5eb9c
+# %% ../nbs/04_training.ipynb #73c2ab8c
 def _cpu_name() -> str:
     "The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."
     import platform
     try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
+def check_precision(cfg:Config, device:torch.device,
+                    native:bool|None=None, # does this CPU multiply bf16 natively? None: ask (`native_bf16`)
+                   ):
+    "Refuse, in one line, a bf16 run on a CPU that would emulate bf16, unless `cfg.allow_emulated_bf16`."
+    if cfg.precision != "bf16" or device.type != "cpu" or (native_bf16("cpu") if native is None else native): return
+    what = (f"precision=bf16 on this CPU ({_cpu_name()}, vector capability {torch.backends.cpu.get_cpu_capability()}): "
+            f"it has no native bf16 (neither AMX nor AVX512-BF16), so bf16 would be emulated, about 15x slower than float32")
+    if not cfg.allow_emulated_bf16:
+        raise FcloraError(f'{what}; use precision="fp32" (--precision fp32), or allow_emulated_bf16=True '
+                          f'(--allow-emulated-bf16) to run it anyway')
+    warnings.warn(f"{what}; running it because allow_emulated_bf16=True", stacklevel=2)
+
+
+# %% ../nbs/04_training.ipynb #90e5eb9c
 def host_info(device:torch.device, dtype=None) -> dict:
     "The device, CPU, its vector capability and native bf16, threads, the precision used (`dtype`: autocast's) and versions."
     import platform, transformers, peft

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import hang_guard
+
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT/'test-artifacts'/'screenshots'  # gitignored
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -21,11 +23,11 @@ def _apt_install():
     env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
     cmd = ['apt-get', 'install', '-y', '-q', '-o', 'Dpkg::Use-Pty=0', 'chromium', 'chromium-driver']
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_guard(1800), env=env)
         if r.returncode != 0:  # maybe stale or empty package lists
-            subprocess.run(['apt-get', 'update', '-q'], capture_output=True, timeout=180, env=env)
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
-    except subprocess.TimeoutExpired as e: return f'`{" ".join(e.cmd)}` timed out'
+            subprocess.run(['apt-get', 'update', '-q'], capture_output=True, timeout=hang_guard(900), env=env)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_guard(1800), env=env)
+    except subprocess.TimeoutExpired as e: return f'`{" ".join(e.cmd)}` still ran after {e.timeout:.0f} s (a hang guard)'
     return '' if r.returncode == 0 else (r.stderr or r.stdout).strip()[-500:]
 
 
@@ -43,7 +45,7 @@ def chromium():
     return find()
 
 
-def new_driver(chromium, profile: Path, size=(1280, 1000), timeout=30):
+def new_driver(chromium, profile: Path, size=(1280, 1000), timeout=None):
     "A headless Chromium driven by chromedriver (no Selenium Manager, no network), console logs kept."
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -52,6 +54,7 @@ def new_driver(chromium, profile: Path, size=(1280, 1000), timeout=30):
     for f in FLAGS + [f'--window-size={size[0]},{size[1]}', f'--user-data-dir={profile}']: opts.add_argument(f)
     opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
     d = webdriver.Chrome(options=opts, service=Service(chromium[1]))
+    timeout = timeout or hang_guard(300)   # page loads and scripts: a hang guard (a page loads in ~1 s idle)
     d.set_page_load_timeout(timeout); d.set_script_timeout(timeout)
     SHOTS.mkdir(parents=True, exist_ok=True)
     return d

@@ -2,14 +2,14 @@
 the same in 1 process, in 2 processes and on 2 "machines" (2 torchrun nodes on 127.0.0.1): with augmentation
 off (no crops/flips, no CutMix) the plan, the per-epoch training loss and the test accuracy agree to float
 tolerance, because `batch_size` is the global batch and DDP averages the per-process mean gradients."""
-import json, os, socket, subprocess, sys, textwrap
+import json, os, socket, subprocess, sys, textwrap, time
 
 import pytest
 
 import numpy as np
 import pandas as pd
 
-from conftest import BIN, fclora, results
+from conftest import BIN, fclora, results, hang_guard, hung
 
 SCORE = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
@@ -99,8 +99,11 @@ def test_two_nodes_equal_one_process_adalora(one_process, tmp_path):
                                        "--master-addr", "127.0.0.1", "--master-port", port, "--out-dir", str(tmp_path/f"node{r}")],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    procs = [node(0), node(1)]
-    outs = [p.communicate(timeout=900) for p in procs]
+    procs, t0, limit = [node(0), node(1)], time.monotonic(), hang_guard(1800)
+    try: outs = [p.communicate(timeout=max(1, limit - (time.monotonic() - t0))) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs: p.kill()
+        pytest.fail(hung("the two-node AdaLoRA run", limit, time.monotonic() - t0), pytrace=False)
     for p, (out, err) in zip(procs, outs): assert p.returncode == 0, err[-3000:]
     assert "node 1 of 2: done" in outs[1][0]
     assert not (tmp_path/"node1"/"results.json").exists()             # node 0 writes the results

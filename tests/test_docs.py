@@ -57,7 +57,7 @@ def test_pages_have_api_docs(site, nb):
 
 
 def test_readme_in_sync():
-    r = docs('readme', '--check', timeout=120)
+    r = docs('readme', '--check', timeout=1200)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

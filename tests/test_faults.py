@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings, HealthCheck, strategies as st
 
-from conftest import BIN, THREADS, fclora, one_line_error, results
+from conftest import BIN, THREADS, fclora, one_line_error, results, hang_guard, hung
 
 QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
          "--no-progress"]   # the quick preset, its model pinned (the checks below name its patch size, its 12 projections)
@@ -73,16 +73,18 @@ def _start(args, out):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_checkpoint(proc, ckpt, min_step, timeout=300):
-    t = time.time()
-    while time.time() - t < timeout:
+def _wait_for_checkpoint(proc, ckpt, min_step, timeout=600):
+    "Wait until `ckpt` holds step `min_step` or later (`timeout`: a hang guard, ~10 s idle; scaled)."
+    t, limit = time.monotonic(), hang_guard(timeout)
+    while time.monotonic() - t < limit:
         if ckpt.exists():
             try:
                 if torch.load(ckpt, weights_only=False)["step"] >= min_step: return
             except Exception: pass          # (never a torn file: writes are atomic; this guards a race on rename)
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
-    raise TimeoutError(ckpt)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(hung(f"waiting for a checkpoint at step {min_step} in {ckpt}", limit, time.monotonic() - t), pytrace=False)
 
 
 CUT = ["--method", "fclora", "--epochs", "8", "--train-subset", "500", "--ckpt-every-steps", "5"]   # 25 steps an epoch: the
@@ -102,7 +104,9 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path, how, reference):
     proc = _start(CUT, tmp_path/"cut")
     _wait_for_checkpoint(proc, tmp_path/"cut/last.pt", 10)
     os.killpg(proc.pid, how)
-    out, err = proc.communicate(timeout=120)
+    try: out, err = proc.communicate(timeout=hang_guard(300))    # a second or two when idle
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL); pytest.fail(hung(f"the run stopping on signal {how}", hang_guard(300), hang_guard(300)), pytrace=False)
     if how == signal.SIGINT: assert "resume" in err, err[-2000:]
     assert not (tmp_path/"cut/results.json").exists()
     torch.load(tmp_path/"cut/last.pt", weights_only=False)             # the checkpoint left behind is intact
@@ -153,7 +157,7 @@ def valid_configs(draw):
                 test_subset=maybe(st.integers(1, 10**5)), seed=i(0, 2**31), precision=draw(st.sampled_from(["auto", "fp32", "bf16"])),
                 device=draw(st.sampled_from(["auto", "cpu", "cuda"])), nproc=nproc, nnodes=nnodes, node_rank=i(0, nnodes - 1),
                 master_addr="127.0.0.1" if nnodes > 1 else maybe(st.just("10.0.0.1")), master_port=maybe(st.integers(1, 65535)),
-                ckpt_every_steps=i(0, 1000), compile=draw(st.booleans()))
+                ckpt_every_steps=i(0, 1000), compile=draw(st.booleans()), allow_emulated_bf16=draw(st.booleans()))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))

@@ -10,13 +10,15 @@ ipykernel provides, with no "Select Kernel" prompt. Screenshots go to test-artif
 The server runs on 127.0.0.1 at a port the OS picks, with a token, and with its config, data, runtime,
 settings and workspace folders in a temporary folder (so a developer's own Jupyter set-up can't change
 what is checked); it is shut down through its API and the test checks that no kernel is left behind.
-Skips only where Chromium can't be installed (see _browser.py). ~60 s on 2 busy cores.
+Skips only where Chromium can't be installed (see _browser.py). ~60 s on 2 busy cores. Every wait below is a hang
+guard (about 10x its idle time, x FCLORA_TEST_TIMEOUT_SCALE; conftest.py), never a speed check.
 """
 import json, os, secrets, shutil, signal, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import hang_guard, hung
 from _browser import MISSING, SHOTS, chromium, has_math, new_driver, screenshot, severe_console  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ SETTINGS = {  # JupyterLab user settings: no requests to the internet (news, upd
 def _api(lab, path, method='GET'):
     req = urllib.request.Request(f'{lab["url"]}api/{path}', method=method,
                                  headers={'Authorization': f'token {lab["token"]}'})
-    with urllib.request.urlopen(req, timeout=10) as r: return json.loads(r.read() or b'null')
+    with urllib.request.urlopen(req, timeout=hang_guard(60)) as r: return json.loads(r.read() or b'null')
 
 
 @pytest.fixture(scope='module')
@@ -56,23 +58,26 @@ def lab(tmp_path_factory):
     log = (tmp/'server.log').open('w')
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        info, t0 = None, time.monotonic()
+        info, t0, limit = None, time.monotonic(), hang_guard(600)   # ~10 s idle
         while info is None:  # the server writes its URL (with the port the OS gave it) to the runtime folder
             assert proc.poll() is None, f'jupyter lab exited: {(tmp/"server.log").read_text()[-3000:]}'
-            assert time.monotonic() - t0 < 90, f'jupyter lab did not start in 90 s: {(tmp/"server.log").read_text()[-3000:]}'
+            assert time.monotonic() - t0 < limit, hung('starting jupyter lab', limit, time.monotonic() - t0) + \
+                f'\n{(tmp/"server.log").read_text()[-3000:]}'
             found = sorted((home/'runtime').glob('jpserver-*.json'))
             info = json.loads(found[0].read_text()) if found and found[0].stat().st_size else None
             time.sleep(0.2)
         lab = dict(url=info['url'], token=token, root=root, proc=proc, log=tmp/'server.log')
         while True:  # the runtime file appears before the server answers
             try: _api(lab, 'status'); break
-            except OSError: assert time.monotonic() - t0 < 90, 'jupyter lab does not answer'; time.sleep(0.2)
+            except OSError:
+                assert time.monotonic() - t0 < limit, hung('waiting for jupyter lab to answer', limit, time.monotonic() - t0)
+                time.sleep(0.2)
         yield lab
         kernels = [k for k in psutil.Process(proc.pid).children(recursive=True)]
         t0 = time.monotonic()
         try: _api(lab, 'shutdown', 'POST')
         except OSError: pass
-        proc.wait(timeout=60)
+        proc.wait(timeout=hang_guard(300))
         print(f'jupyter lab shut down in {time.monotonic() - t0:.1f} s')
         left = [k for k in kernels if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
         assert not left, f'processes left after the server shut down: {[k.cmdline() for k in left]}'
@@ -90,8 +95,8 @@ def quick_run(lab):
                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
     def wait():
-        try: log, _ = p.communicate(timeout=600)
-        except subprocess.TimeoutExpired: stop(p); raise
+        try: log, _ = p.communicate(timeout=hang_guard(1800))   # ~1 min idle
+        except subprocess.TimeoutExpired: stop(p); pytest.fail(hung('`fclora run --preset quick`', hang_guard(1800), hang_guard(1800)), pytrace=False)
         assert p.returncode == 0, log[-3000:]
         return out
     yield wait
@@ -112,7 +117,7 @@ def stop(p):
 
 @pytest.fixture(scope='module')
 def driver(chromium, tmp_path_factory):
-    d = new_driver(chromium, tmp_path_factory.mktemp('chromium-profile'), size=(1400, 1800), timeout=60)
+    d = new_driver(chromium, tmp_path_factory.mktemp('chromium-profile'), size=(1400, 1800), timeout=hang_guard(600))
     yield d
     d.quit()
 
@@ -120,13 +125,13 @@ def driver(chromium, tmp_path_factory):
 # ---------------------------------------------------------------- JupyterLab, driven through its UI
 
 def wait_for(driver, script, timeout, what, *args):
-    "Poll a JS expression until it is truthy; return its value."
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+    "Poll a JS expression until it is truthy; return its value. `timeout` is a hang guard (about 10x idle; scaled)."
+    t0, limit = time.monotonic(), hang_guard(timeout)
+    while time.monotonic() - t0 < limit:
         v = driver.execute_script(script, *args)
         if v: return v
         time.sleep(0.25)
-    raise AssertionError(f'JupyterLab: {what} (waited {timeout} s)')
+    raise AssertionError(f'JupyterLab: {what}; ' + hung(what, limit, time.monotonic() - t0))
 
 
 PANEL = "document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)')"
@@ -136,13 +141,13 @@ def open_notebook(driver, lab, rel):
     "Open a notebook by URL; wait until all its cells are on the page and its kernel is idle; return the kernel's name."
     n = len(json.loads((lab['root']/rel).read_text(encoding='utf-8'))['cells'])
     driver.get(f'{lab["url"]}lab/tree/{rel}?token={lab["token"]}')
-    wait_for(driver, f'const p = {PANEL}; return p && p.querySelectorAll(".jp-Cell").length == arguments[0]', 90,
+    wait_for(driver, f'const p = {PANEL}; return p && p.querySelectorAll(".jp-Cell").length == arguments[0]', 600,
              f'{rel} did not open with its {n} cells', n)
     status = wait_for(driver, f"""const p = {PANEL}, d = document.querySelector('.jp-Dialog');
         if (d) return 'dialog: ' + d.textContent;
         const s = p.querySelector('.jp-Notebook-ExecutionIndicator'), k = p.querySelector('.jp-KernelName');
         return s && s.dataset.status === 'idle' && k && !/^(No Kernel|Kernel)?$/.test(k.textContent.trim())
-               && 'kernel: ' + k.textContent.trim()""", 90, f'the kernel of {rel} did not start')
+               && 'kernel: ' + k.textContent.trim()""", 600, f'the kernel of {rel} did not start')
     assert status.startswith('kernel: '), f'{rel}: a dialog opened ({status[:200]!r}): the notebook\'s kernel was not found?'
     return status[len('kernel: '):]
 
@@ -153,7 +158,7 @@ def run_all(driver):
     run = next(e for e in driver.find_elements(By.CSS_SELECTOR, '.lm-MenuBar-item') if e.text.strip() == 'Run')
     run.click()
     item = wait_for(driver, """return [...document.querySelectorAll('.lm-Menu .lm-Menu-item')]
-        .find(e => e.textContent.trim().startsWith('Run All Cells'))""", 10,
+        .find(e => e.textContent.trim().startsWith('Run All Cells'))""", 120,
         'no "Run All Cells" in the Run menu: ' + driver.execute_script(
             "return [...document.querySelectorAll('.lm-Menu')].map(m => m.textContent).join(' / ')"))
     item.click()
@@ -162,7 +167,7 @@ def run_all(driver):
         const prompts = [...p.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim());
         return prompts.length && prompts.every(t => /^\\[\\d+\\]:$/.test(t))
                && p.querySelector('.jp-Notebook-ExecutionIndicator').dataset.status === 'idle'""",
-             300, 'Run All Cells did not finish')
+             1800, 'Run All Cells did not finish')   # ~30 s idle
     return time.monotonic() - t0
 
 
@@ -177,9 +182,9 @@ def save(driver, path: Path):
         except (OSError, ValueError): return None
         code = [c for c in nb['cells'] if c['cell_type'] == 'code' and ''.join(c['source']).strip()]
         return nb if all(c.get('execution_count') for c in code) else None
-    t0 = time.monotonic()
+    t0, limit = time.monotonic(), hang_guard(300)
     while (nb := saved()) is None:
-        assert time.monotonic() - t0 < 30, f'{path.name} was not saved with Ctrl+S'
+        assert time.monotonic() - t0 < limit, hung(f'waiting for {path.name} to be saved with Ctrl+S', limit, time.monotonic() - t0)
         time.sleep(0.25)
     return nb
 
@@ -214,14 +219,14 @@ const p = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
 
 
 def inspect(driver, n_cells=None):
-    """What the open notebook shows (see INSPECT). With `n_cells`, look again for up to 10 s while the count differs:
+    """What the open notebook shows (see INSPECT). With `n_cells`, look again for up to 30 s (scaled) while the count differs:
     right after a notebook opens, JupyterLab can briefly hold one cell element more than its model (seen once in CI
     with the status bar reading "Cell 1/9" and 10 cell elements on the page)."""
     t0 = time.monotonic()
     while True:
         r = driver.execute_async_script(INSPECT, MISSING)
         assert not isinstance(r, dict), f'inspection script failed: {r["error"]}'
-        if n_cells is None or len(r) == n_cells or time.monotonic() - t0 > 10: return r
+        if n_cells is None or len(r) == n_cells or time.monotonic() - t0 > hang_guard(30): return r
         time.sleep(0.5)
 
 

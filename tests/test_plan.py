@@ -9,6 +9,7 @@ from torch import nn
 
 import fclora
 from fclora.data import FcloraError
+from conftest import run_guarded
 
 VOCAB = 64
 
@@ -58,7 +59,7 @@ def test_saved_plan_builds_the_planned_adapter_in_a_fresh_process(tmp_path):
     for name, make in (("gpt2", gpt2), ("vit", vit)):
         make().save_pretrained(tmp_path/name/"base")
         plans[name].save(tmp_path/name/"plan")
-    p = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    p = run_guarded([sys.executable, "-c", CHECK, str(tmp_path)], "loading the saved plans in a fresh process", 900)
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     for name, plan in plans.items():
@@ -246,11 +247,11 @@ def peft_floor() -> str:
 
 def test_rank_patterns_round_trip_in_the_oldest_peft_allowed(tmp_path):
     floor = peft_floor()
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
-                          "--target", str(tmp_path/"peft"), f"peft=={floor}"], capture_output=True, text=True, timeout=300)
+    pip = run_guarded([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
+                       "--target", str(tmp_path/"peft"), f"peft=={floor}"], f"pip install peft=={floor}", 900)
     if pip.returncode != 0: pytest.skip(f"peft=={floor} cannot be installed here: {(pip.stderr or pip.stdout).strip().splitlines()[-1]}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path/"peft"), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", OLD_PEFT], capture_output=True, text=True, timeout=300, env=env)
+    p = run_guarded([sys.executable, "-c", OLD_PEFT], f"the round trip in peft=={floor}", 900, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     from packaging.version import Version

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_guarded
 
 NAME = "fclora-tiny-digits"
 
@@ -14,7 +14,7 @@ NAME = "fclora-tiny-digits"
 def _offline(code:str, tmp_path):
     "Run `code` in a fresh Python with the Hugging Face hub switched off; return its last stdout line as JSON."
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path/"hf"), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    p = run_guarded([sys.executable, "-c", code], "an offline check in a fresh process", 900, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -60,8 +60,8 @@ def test_pretrained_backbone_beats_random_init_on_the_target_task():
 @pytest.mark.slow
 def test_seeded_recipe_regenerates_the_shipped_weights(tmp_path):
     "tools/pretrain_tiny.py, rerun from scratch, gives the shipped model: the same features to float tolerance."
-    p = subprocess.run([sys.executable, str(ROOT/"tools"/"pretrain_tiny.py"), "--out", str(tmp_path/"m")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = run_guarded([sys.executable, str(ROOT/"tools"/"pretrain_tiny.py"), "--out", str(tmp_path/"m")], "tools/pretrain_tiny.py",
+                    3600, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     from fclora.data import load_data, preprocess
     from fclora.lora import load_model

@@ -149,3 +149,19 @@ def test_sweep_runs_methods_by_seeds_and_compare_aggregates(tmp_path):
     assert agg.loc["lora", "seeds"] == 2 and agg.loc["lora", "test_accuracy ci95"] > 0
     accs = [results(out/f"lora-seed{s}")["test_accuracy"] for s in (0, 1)]
     assert abs(agg.loc["lora", "test_accuracy mean"] - sum(accs) / 2) < 1e-12
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it(tmp_path):
+    """Issue 20: bf16 on a CPU without native bf16 (emulated, ~15x slower than float32) is refused in one line before any work, by
+    `fclora run` and `fclora plan`, naming the fix; `--allow-emulated-bf16` insists, and the run records the CPU it ran on."""
+    from fclora.training import native_bf16
+    if native_bf16("cpu"): pytest.skip("this CPU multiplies bf16 natively: nothing to refuse here (04_training tests the rule itself)")
+    tiny = ["--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16"]
+    for args in ([*QUICK, "--out-dir", tmp_path/"refused"], ["plan", *tiny, "--quiet"]):
+        line = one_line_error(fclora(*args, "--precision", "bf16"))
+        assert "no native bf16" in line and "slower than float32" in line and 'precision="fp32"' in line and "--allow-emulated-bf16" in line, line
+    assert not (tmp_path/"refused").exists()                           # refused before anything was written
+    p = fclora(*QUICK, "--epochs", "1", "--train-subset", "200", "--precision", "bf16", "--allow-emulated-bf16", "--out-dir", tmp_path/"insisted")
+    assert p.returncode == 0, p.stderr[-3000:]
+    host = results(tmp_path/"insisted")["host"]
+    assert host["precision"] == "bf16" and host["native_bf16_cpu"] is False and host["cpu"] and host["cpu_capability"]
