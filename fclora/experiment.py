@@ -33,9 +33,6 @@ __all__ = ['PREDICTIONS_FILE', 'prepare_data', 'scoring_batches', 'plan_ranks', 
 # %% ../nbs/06_experiment.ipynb #5adf4e0e
 def prepare_data(cfg:Config) -> tuple[ImageSet, ImageSet, ImageSet]:
     "(train, val, test) for `cfg`, on the CPU."
-    if cfg.targets is not None or cfg.budget_unit != "rank":
-        raise FcloraError("targets and budget_unit='params' are for the text experiment (sst2); image runs adapt the q/k/v "
-                          "projections with a total rank budget")
     train_file, test = load_data(cfg.dataset, cfg.data_root)
     train_file = balanced_subset(train_file, cfg.train_subset, cfg.seed, "train_subset")
     train, val = train_val_split(train_file, cfg.val_fraction, cfg.seed)
@@ -227,6 +224,9 @@ def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, p
 def run_experiment(cfg:Config) -> dict:
     "Run one method end to end (under torchrun if `cfg` asks for several processes); write and return results.json's content."
     validate_config(cfg)
+    if cfg.targets is not None or cfg.budget_unit != "rank":   # `fclora plan` takes both for any model; an image run, not yet
+        raise FcloraError("targets and budget_unit='params' are for the text experiment (sst2); image runs adapt the q/k/v "
+                          "projections with a total rank budget")
     out = prepare_out_dir(cfg)
     if cfg.world_size() > 1: return _launch(cfg, out)
     try: return _run(cfg, out)
