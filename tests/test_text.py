@@ -141,3 +141,7 @@ def test_study_design_is_the_issues():
     assert set(design["lr_grid"]) == set(arms) and all(len(g) >= 2 for g in design["lr_grid"].values())
     assert all(o.get("lr") in (None, *design["lr_grid"][a]) for a, o in arms.items())   # each rate, once chosen, from its grid
     assert design["selection_seed"] not in {s for ss in seeds.values() for s in ss}
+    sel_settings, sel = load_arms(STUDY/"select-arms.json")   # phase 1: each arm at each rate of its grid, on the selection seed
+    assert sel_settings == settings
+    assert sel == {f"select-{a}-lr{lr:g}": dict({k: v for k, v in arms[a].items() if k not in ("seeds", "lr")}, lr=lr, seeds=[design["selection_seed"]])
+                   for a, lrs in design["lr_grid"].items() for lr in lrs}
