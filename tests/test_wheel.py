@@ -1,12 +1,10 @@
 """`fclora run` from an installed package, not a clone: the wheel built from this checkout, installed with no
 dependencies into a fresh venv that sees the test environment's third-party packages (torch, transformers, ...) but
 not this repository, then `fclora run cifar10 --preset quick` from a folder outside the clone."""
-import subprocess, sys, sysconfig
+import os, subprocess, sys
 from pathlib import Path
 
 from conftest import ROOT, THREADS
-
-import os
 
 
 def sh(*args, **kw):
