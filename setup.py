@@ -1,6 +1,8 @@
 # nbdev's standard setup.py: every setting lives in settings.ini.
 from configparser import ConfigParser
-import setuptools, shlex
+from pathlib import Path
+import setuptools, shlex, shutil
+from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
@@ -24,6 +26,15 @@ if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_require
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 dev_requirements = (cfg.get('dev_requirements') or '').split()
+text_requirements = (cfg.get('text_requirements') or '').split()
+
+class BuildWithNotebooks(build_py):
+    "Also copy the experiment notebooks (settings.ini: experiment_notebooks) from nbs/ into the built package, for `fclora run`."
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib)/cfg['lib_path']/'experiments'
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in cfg.get('experiment_notebooks', '').split(): shutil.copy(Path(cfg['nbs_path'])/name, dest/name)
 
 setuptools.setup(
     name = cfg['lib_name'],
@@ -37,7 +48,8 @@ setuptools.setup(
     packages = setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require={ 'dev': dev_requirements },
+    extras_require={ 'dev': dev_requirements + text_requirements, 'text': text_requirements },
+    cmdclass = {'build_py': BuildWithNotebooks},
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core import FcloraError, Config, PRESETS, make_config, validate_config, check_out_dir
+from .core import FcloraError, Config, PRESETS, make_config, validate_config, check_out_dir, parse_targets
 # torch, transformers and peft are imported by the commands that need them (plan, compare, a node's run), so that
 # `fclora --help`, a bad option, or a run whose checks fail answers in a second, not after ~7 s of imports
 
 # %% auto #0
-__all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'CLAIM_FILE', 'add_config_options', 'config_overrides', 'add_plan_options',
-           'parse_targets', 'plan_command', 'ExperimentFailed', 'notebook_path', 'kernel_options', 'run_notebook',
+__all__ = ['PLAN_OPTIONS', 'RENAMED', 'NOTEBOOKS', 'PACKAGED_NOTEBOOKS', 'CLAIM_FILE', 'add_config_options', 'config_overrides',
+           'add_plan_options', 'plan_command', 'ExperimentFailed', 'notebook_path', 'kernel_options', 'run_notebook',
            'run_command', 'host_conflict', 'claim_run', 'load_arms', 'sweep_runs', 'sweep', 'compare', 'main']
 
 # %% ../nbs/08_cli.ipynb #d7186d80
@@ -69,12 +69,6 @@ def add_plan_options(p:argparse.ArgumentParser):
     p.add_argument("--json", default=None, help="write the plan as JSON here")
     p.add_argument("--quiet", dest="progress", action="store_false", default=None, help="no progress bar (= --no-progress)")
 
-def parse_targets(text:str|None):
-    "`--targets`: comma-separated layer names become a list, anything else is a regular expression."
-    if text is None: return None
-    names = text.split(",")
-    return names if all(re.fullmatch(r"[\w.]+", n) for n in names) else text
-
 def plan_command(args):
     "`fclora plan`: score and allocate for a model and dataset; print the tables, write --json and --save-config; return the `Plan`."
     from fclora import planner
@@ -114,18 +108,21 @@ def plan_command(args):
     return p
 
 # %% ../nbs/08_cli.ipynb #71c22fff
-NOTEBOOKS = {"cifar10": "10_cifar10.ipynb", "cifar100": "11_cifar100.ipynb"}
+NOTEBOOKS = {"cifar10": "10_cifar10.ipynb", "cifar100": "11_cifar100.ipynb", "sst2": "13_sst2.ipynb"}
+PACKAGED_NOTEBOOKS = "experiments"  # the installed package's copy of the experiment notebooks (setup.py puts them there)
 
 class ExperimentFailed(RuntimeError):
     "The experiment notebook raised something other than a user error; its traceback is in the executed notebook."
 
 def notebook_path(name:str) -> Path:
-    "The experiment notebook for `name` (cifar10 or cifar100) in the repository's nbs/."
+    "The experiment notebook for `name`: the installed package's copy, else the clone's nbs/ (an editable install)."
     if name not in NOTEBOOKS: raise FcloraError(f"unknown experiment '{name}': use one of {', '.join(NOTEBOOKS)}")
     import fclora
-    p = Path(fclora.__file__).resolve().parents[1]/"nbs"/NOTEBOOKS[name]
-    if not p.exists(): raise FcloraError(f"{p} not found: fclora run needs the repository's notebooks (pip install -e . from a clone)")
-    return p
+    package = Path(fclora.__file__).resolve().parent
+    for p in (package/PACKAGED_NOTEBOOKS/NOTEBOOKS[name], package.parent/"nbs"/NOTEBOOKS[name]):
+        if p.exists(): return p
+    raise FcloraError(f"the experiment notebook {NOTEBOOKS[name]} is neither in {package/PACKAGED_NOTEBOOKS} nor in a clone's nbs/: "
+                      "reinstall fclora (pip install fclora, or pip install -e . from a clone)")
 
 def kernel_options() -> dict:
     "papermill's kernel talks to us over CurveZMQ-encrypted sockets when pyzmq can (ipykernel warns about plain TCP)."

@@ -11,8 +11,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['METHODS', 'METHOD_LR', 'METHOD_WARMUP', 'PRESETS', 'FIELD_RULES', 'RUN_FILES', 'FcloraError', 'Config', 'make_config',
-           'config_from', 'check_rank_bounds', 'check_metric_weights', 'validate_config', 'check_out_dir',
-           'prepare_out_dir']
+           'config_from', 'parse_targets', 'check_rank_bounds', 'check_metric_weights', 'validate_config',
+           'check_out_dir', 'prepare_out_dir']
 
 # %% ../nbs/00_core.ipynb #a3d07524
 class FcloraError(ValueError):
@@ -42,7 +42,10 @@ class Config:
     cutmix_alpha: float = 1.0
     cutmix_prob: float = 0.5  # chance that a batch is CutMixed (0: no CutMix)
     image_size: int = 224
-    rank_budget: int = 82  # total LoRA rank over all q/k/v projections
+    max_length: int = 128  # text runs: sentences are truncated at this many tokens
+    rank_budget: int = 82  # total LoRA rank over all q/k/v projections (or over `targets`); adapter parameters with budget_unit="params"
+    budget_unit: str = "rank"  # rank (rank_budget is a total rank) or params (rank_budget counts adapter parameters); params: text runs only
+    targets: str | None = None  # the layers to adapt: None (q/k/v), comma-separated layer names or a regular expression; text runs only
     r_min: int = 1  # = allocation.R_MIN
     r_max: int = 16  # = allocation.R_MAX
     lora_scaling: float = 2.0  # alpha / r, the same for every layer (= allocation.LORA_SCALING)
@@ -77,8 +80,13 @@ class Config:
 
 # %% ../nbs/00_core.ipynb #3d805603
 PRESETS = {
-    "paper": {"cifar10": dict(), "cifar100": dict(dataset="cifar100", epochs=15, rank_budget=129)},
-    "quick": {"*": dict(model_name="fclora-tiny-digits", dataset="digits-5to9", image_size=16, epochs=5, batch_size=16,
+    "paper": {"cifar10": dict(), "cifar100": dict(dataset="cifar100", epochs=15, rank_budget=129),
+              "sst2": dict(model_name="minilm-l6", dataset="sst2", epochs=3, batch_size=32, eval_batch_size=128, rank_budget=41,
+                           score_batches=20, train_subset=2000, weight_decay=0.01, label_smoothing=0.0, augment=False, cutmix_prob=0.0)},
+    "quick": {"sst2": dict(model_name="minilm-l6", dataset="sst2", epochs=1, batch_size=16, eval_batch_size=128, rank_budget=41,
+                           score_batches=10, train_subset=400, test_subset=200, lr=1e-3, weight_decay=0.01, label_smoothing=0.0,
+                           augment=False, cutmix_prob=0.0),
+              "*": dict(model_name="fclora-tiny-digits", dataset="digits-5to9", image_size=16, epochs=5, batch_size=16,
                         eval_batch_size=256, rank_budget=24, score_batches=10, lr=1e-2, augment=False, cutmix_prob=0.0)},
 }
 
@@ -98,6 +106,12 @@ def make_config(preset:str="paper", # a key of PRESETS
 def config_from(preset:str, variant:str, namespace:dict) -> Config:
     "`make_config` from the `Config` fields found in `namespace` (e.g. a notebook's `globals()`)."
     return make_config(preset, variant, **{f.name: namespace[f.name] for f in dataclasses.fields(Config) if f.name in namespace})
+
+def parse_targets(text:str|None):
+    "`targets` as written in a config or on the command line: comma-separated layer names become a list, anything else is a regex."
+    if text is None: return None
+    names = text.split(",")
+    return names if all(re.fullmatch(r"[\w.]+", n) for n in names) else text
 
 # %% ../nbs/00_core.ipynb #b4c1bee1
 def check_rank_bounds(r_min:int, r_max:int):
@@ -132,6 +146,9 @@ FIELD_RULES = {  # field: (is the value valid?, what a valid value is)
     "warmup_frac": (_optional(lambda v: _num(v) and 0 <= v < 1), "a number in [0, 1) or None"),
     **{f: (lambda v: _num(v) and v >= 0, "a non-negative number") for f in ("weight_decay", "cutmix_alpha", "lora_scaling")},
     "precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "budget_unit": (lambda v: v in ("rank", "params"), "rank or params"),
+    "targets": (_optional(lambda v: isinstance(v, str) and v.strip() != ""), "layer names or a regular expression, or None"),
+    "max_length": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
     "device": (lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     "rank_prior": (_optional(lambda v: isinstance(v, str) and v != ""), "a JSON file's path or None"),
     "master_addr": (_optional(lambda v: isinstance(v, str) and v != ""), "a host name or address, or None"),

@@ -27,7 +27,7 @@ from .calibration import fit_temperature, evaluate_logits, calibration_bins
 
 # %% auto #0
 __all__ = ['PREDICTIONS_FILE', 'prepare_data', 'scoring_batches', 'plan_ranks', 'adapt_model', 'adalora_ranks', 'run_device',
-           'data_and_model', 'total_steps', 'plan_or_resume', 'for_training', 'evaluate_and_calibrate',
+           'data_and_model', 'total_steps', 'plan_or_resume', 'for_training', 'calibrate', 'evaluate_and_calibrate',
            'peak_memory_mb', 'param_counts', 'test_predictions', 'write_results', 'run_experiment', 'torchrun_command']
 
 # %% ../nbs/06_experiment.ipynb #5adf4e0e
@@ -167,13 +167,16 @@ def _try_compile(model):
     except Exception as e: warnings.warn(f"torch.compile failed ({e}); training uncompiled"); return model
 
 # %% ../nbs/06_experiment.ipynb #b65c1518
-def evaluate_and_calibrate(model:nn.Module, val:ImageSet, test:ImageSet, cfg:Config, mean, std) -> dict:
-    "Test metrics before and after temperature scaling (fitted on `val`), the temperature, and the test logits."
-    val_logits, test_logits = predict(model, val, cfg, mean, std), predict(model, test, cfg, mean, std)
-    temperature = fit_temperature(val_logits, val.y.cpu())
-    y, k = test.y.cpu(), test.num_classes
+def calibrate(val_logits:torch.Tensor, val_y:torch.Tensor, test_logits:torch.Tensor, test_y:torch.Tensor, k:int) -> dict:
+    "Test metrics before and after temperature scaling (fitted on the validation logits), the temperature, and the test logits."
+    temperature = fit_temperature(val_logits, val_y.cpu())
+    y = test_y.cpu()
     return dict(before=evaluate_logits(test_logits, y, k), after=evaluate_logits(test_logits, y, k, temperature),
                 temperature=temperature, test_logits=test_logits)
+
+def evaluate_and_calibrate(model:nn.Module, val:ImageSet, test:ImageSet, cfg:Config, mean, std) -> dict:
+    "`calibrate` the model's predictions on `val` and `test`."
+    return calibrate(predict(model, val, cfg, mean, std), val.y, predict(model, test, cfg, mean, std), test.y, test.num_classes)
 
 # %% ../nbs/06_experiment.ipynb #f962b615
 def peak_memory_mb(device) -> float:
@@ -226,6 +229,9 @@ def write_results(out:Path, cfg:Config, model, ranks, table, history, ev:dict, p
 def run_experiment(cfg:Config) -> dict:
     "Run one method end to end (under torchrun if `cfg` asks for several processes); write and return results.json's content."
     validate_config(cfg)
+    if cfg.targets is not None or cfg.budget_unit != "rank":   # `fclora plan` takes both for any model; an image run, not yet
+        raise FcloraError("targets and budget_unit='params' are for the text experiment (sst2); image runs adapt the q/k/v "
+                          "projections with a total rank budget")
     check_precision(cfg, resolve_device(cfg))   # bf16 on a CPU that would emulate it: refused before anything is written
     out = prepare_out_dir(cfg)
     if cfg.world_size() > 1: return _launch(cfg, out)

@@ -1,0 +1,147 @@
+"""The text experiment as users run it: `fclora sweep sst2` and `fclora run sst2` (papermill runs `nbs/13_sst2.ipynb`)
+on a tiny random BERT and a few sentences, its one-line errors, the real MiniLM where its package is installed, and
+the MiniLM/SST-2 study's design (results/study-minilm-sst2/arms.json) against issue 23."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, fclora, one_line_error, results
+
+ALL = "query,key,value,attention.output.dense,intermediate.dense,output.dense"   # every linear layer of a BERT encoder
+KEYS = ["method", "arm", "dataset", "model_name", "seed", "config", "test_accuracy", "test_loss", "ece", "ece_scaled", "mce",
+        "temperature", "class_acc_mean", "class_acc_std", "params", "wall_clock_s", "peak_memory_mb", "ranks", "rank_budget",
+        "importance", "history", "host", "predictions", "n_train", "n_val", "n_test"]
+WORDS = ["good film", "great film", "a fine film", "awful film", "bad", "not good"]
+
+
+def tsv(folder, name, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder/name).write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    "(model folder, data folder): a tiny random-init BERT with a word-level tokenizer, 48 + 6 sentences."
+    from fclora.text import tiny_text_model
+    root = tmp_path_factory.mktemp("text")
+    tsv(root/"data", "train.tsv", [(w, int(i % 6 < 3)) for i, w in enumerate(WORDS * 8)])
+    tsv(root/"data", "dev.tsv", [(w, int(i < 3)) for i, w in enumerate(WORDS)])
+    return tiny_text_model(root/"model"), root/"data"
+
+
+def small(model, data):
+    return ["--preset", "quick", "--model-name", model, "--dataset", data, "--train-subset", "48", "--test-subset", "6",
+            "--batch-size", "8", "--score-batches", "2", "--epochs", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny, tmp_path_factory):
+    "Two arms through `fclora sweep sst2 --arms` (papermill): fclora on q/k/v, and uniform LoRA on every layer at a parameter budget."
+    model, data = tiny
+    root = tmp_path_factory.mktemp("sweep")
+    cost = 2 * (4 * (32 + 32) + 2 * (32 + 64))   # r (d_in + d_out) per unit of rank, summed over the tiny BERT's 12 layers
+    (root/"arms.json").write_text(json.dumps({"settings": {"rank_budget": 8}, "arms": {
+        "fclora": {"method": "fclora"},
+        "lora-all": {"method": "lora", "targets": ALL, "budget_unit": "params", "rank_budget": 2 * cost}}}))
+    p = fclora("sweep", "sst2", "--arms", root/"arms.json", "--seeds", "0", "--out-dir", root/"runs", *small(model, data))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root/"runs", p.stdout
+
+
+def test_sweep_writes_results_the_report_reads(sweep):
+    runs, stdout = sweep
+    for arm in ("fclora", "lora-all"):
+        r = results(runs/f"{arm}-seed0")
+        assert all(k in r for k in KEYS), set(KEYS) - set(r)
+        assert (r["arm"], r["n_train"], r["n_val"], r["n_test"]) == (arm, 38, 10, 6)
+        assert [h["epoch"] for h in r["history"]] == [1, 2] and set(r["history"][0]) >= {"train_loss", "val_loss", "val_acc"}
+        assert set(r["wall_clock_s"]) == {"scoring", "training", "eval", "total"}
+        p = r["params"]
+        assert p["trainable"] == p["adapter"] + p["head"] and p["head"] == 32 * 2 + 2   # the new classifier
+        pred = np.load(runs/f"{arm}-seed0"/"predictions.npz")
+        assert sorted(pred["index"].tolist()) == list(range(6)) and np.isclose((pred["pred"] == pred["label"]).mean(), r["test_accuracy"])
+        assert (runs/f"{arm}-seed0"/"13_sst2.ipynb").is_file() and (runs/f"{arm}-seed0"/"adapter"/"adapter_config.json").is_file()
+    f, u = results(runs/"fclora-seed0"), results(runs/"lora-all-seed0")
+    assert sum(f["ranks"].values()) == 8 and len(f["ranks"]) == 6 and sorted(f["importance"]) == sorted(f["ranks"])
+    assert len(u["ranks"]) == 12 and set(u["ranks"].values()) == {2} and u["params"]["adapter"] == u["config"]["rank_budget"]
+    assert u["config"]["targets"] == ALL and u["config"]["budget_unit"] == "params"
+    assert "fclora" in stdout and "lora" in stdout   # the sweep's comparison table
+
+
+def test_compare_reads_text_runs(sweep, tmp_path):
+    runs, _ = sweep
+    p = fclora("compare", runs, "--csv", tmp_path/"runs.csv")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path/"runs.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("case", ["no folder", "bad row"])   # a bad label, a missing file: 09_text's tests
+def test_bad_data_one_line(tiny, tmp_path, case):
+    model, data = tiny
+    folder = tmp_path/"data"
+    if case == "no folder": folder, words = tmp_path/"bad/folder", "unknown text dataset"
+    else:
+        rows = [(w, i % 2) for i, w in enumerate(WORDS * 8)]
+        tsv(folder, "dev.tsv", rows[:6])
+        tsv(folder, "train.tsv", rows)
+        text = (folder/"train.tsv").read_text().splitlines()
+        text[5] = "a row without its label" if case == "bad row" else "fine film\tpositive"
+        (folder/"train.tsv").write_text("\n".join(text) + "\n")
+        words = "line 6: 1 tab-separated field(s)" if case == "bad row" else "line 6: label 'positive' is not an integer"
+    line = one_line_error(fclora("run", "sst2", *small(model, folder), "--out-dir", tmp_path/"out"))
+    assert words in line, line
+    assert not (tmp_path/"out"/"13_sst2.ipynb").exists()
+
+
+@pytest.fixture
+def minilm():
+    from fclora.text import text_model_path
+    path = text_model_path("minilm-l6")
+    if path.startswith("sentence-transformers/"): pytest.skip('minilm-l6 is not installed (pip install -e ".[text]")')
+    return path
+
+
+def test_minilm_anatomy(minilm):
+    "The real model: 18 q/k/v projections, 36 linear layers in ALL, uniform rank 2 on them = the study's parameter budget."
+    from fclora.text import load_text_model
+    from fclora.core import parse_targets
+    from fclora.importance import find_target_modules, layer_shape
+    model, tok = load_text_model("minilm-l6", 2)
+    assert sum(p.numel() for p in model.base_model.parameters()) == 22_713_216
+    assert len(find_target_modules(model)) == 18
+    names = find_target_modules(model, parse_targets(ALL))
+    assert len(names) == 36 and 2 * sum(sum(layer_shape(model.get_submodule(n))) for n in names) == 82_944
+    assert tok("a gripping film")["input_ids"][0] == tok.cls_token_id
+
+
+STUDY = ROOT/"results"/"study-minilm-sst2"
+
+
+def test_study_design_is_the_issues():
+    "arms.json is issue 23's design: the arms, their seeds, one recipe, the density 41 over 18, the GoRA setting's budget."
+    from fclora.cli import load_arms
+    from fclora.core import make_config, validate_config
+    settings, arms = load_arms(STUDY/"arms.json")
+    assert set(arms) == {"fclora", "lora", "eva", "fclora-all", "lora-all"}
+    seeds = {a: o["seeds"] for a, o in arms.items()}
+    assert len(seeds["fclora"]) >= 10 and seeds["fclora"] == seeds["lora"] and len(seeds["eva"]) >= 5
+    assert set(seeds["eva"]) <= set(seeds["fclora"]) and seeds["fclora-all"] == seeds["lora-all"] and len(seeds["lora-all"]) >= 5
+    cfgs = {a: make_config("paper", "sst2", **settings, **{k: v for k, v in o.items() if k != "seeds"}, seed=0) for a, o in arms.items()}
+    for a, c in cfgs.items():
+        validate_config(c)
+        assert c.method == a.split("-")[0] and c.model_name == "minilm-l6" and c.test_subset is None   # all 872 dev.tsv sentences
+    recipe = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("method", "arm", "lr", "targets", "budget_unit", "rank_budget")}
+    assert len({json.dumps(recipe(c), sort_keys=True) for c in cfgs.values()}) == 1     # one recipe; the arms differ only as designed
+    assert all(cfgs[a].rank_budget == 41 and cfgs[a].budget_unit == "rank" and cfgs[a].targets is None for a in ("fclora", "lora", "eva"))
+    for a in ("fclora-all", "lora-all"):
+        assert (cfgs[a].targets, cfgs[a].budget_unit, cfgs[a].rank_budget) == (ALL, "params", 82_944)
+    design = json.loads((STUDY/"design.json").read_text())
+    assert design["settings"] == settings and {a: {k: v for k, v in o.items() if k != "lr"} for a, o in arms.items()} == design["arms"]
+    assert set(design["lr_grid"]) == set(arms) and all(len(g) >= 2 for g in design["lr_grid"].values())
+    assert all(o.get("lr") in (None, *design["lr_grid"][a]) for a, o in arms.items())   # each rate, once chosen, from its grid
+    assert design["selection_seed"] not in {s for ss in seeds.values() for s in ss}
+    sel_settings, sel = load_arms(STUDY/"select-arms.json")   # phase 1: each arm at each rate of its grid, on the selection seed
+    assert sel_settings == settings
+    assert sel == {f"select-{a}-lr{lr:g}": dict({k: v for k, v in arms[a].items() if k not in ("seeds", "lr")}, lr=lr, seeds=[design["selection_seed"]])
+                   for a, lrs in design["lr_grid"].items() for lr in lrs}
