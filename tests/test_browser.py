@@ -70,6 +70,9 @@ def driver(chromium, tmp_path_factory):
 INSPECT = r"""
 const done = arguments[arguments.length - 1];
 (async () => {
+  // a busy machine may fire 'load' before MathJax's script has run: wait for it where the page loads it
+  if (document.querySelector('script[src*="mathjax"]'))
+    for (let i = 0; i < 600 && !(window.MathJax && window.MathJax.startup); i++) await new Promise(r => setTimeout(r, 100));
   const M = window.MathJax;
   if (M && M.startup && M.startup.promise) await M.startup.promise;
   await document.fonts.ready;
