@@ -71,6 +71,10 @@ def add_plan_options(p:argparse.ArgumentParser):
 
 def plan_command(args):
     "`fclora plan`: score and allocate for a model and dataset; print the tables, write --json and --save-config; return the `Plan`."
+    overrides = config_overrides(args)   # the configuration first: bad values are refused before seconds of imports
+    variant = overrides.get("dataset") if overrides.get("dataset") in PRESETS[args.preset] else "cifar10"
+    cfg = make_config(args.preset, variant, **dict(overrides, method="fclora"))
+    validate_config(cfg)
     from fclora import planner
     from peft import LoraConfig, get_peft_model
     from fclora.lora import param_table
@@ -78,10 +82,6 @@ def plan_command(args):
     from fclora.training import resolve_device, autocast_dtype, check_precision
     from fclora.experiment import data_and_model, scoring_batches
     planner.check_budget_unit(args.budget_unit)
-    overrides = config_overrides(args)
-    variant = overrides.get("dataset") if overrides.get("dataset") in PRESETS[args.preset] else "cifar10"
-    cfg = make_config(args.preset, variant, **dict(overrides, method="fclora"))
-    validate_config(cfg)
     t0 = time.perf_counter()
     device = resolve_device(cfg)
     check_precision(cfg, device)
@@ -132,7 +132,6 @@ def kernel_options() -> dict:
 
 def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:bool=False) -> Path:
     "Execute the experiment notebook with papermill; return the run folder."
-    import papermill as pm
     nb = notebook_path(experiment)
     cfg = make_config(preset, experiment, **params)
     validate_config(cfg)
@@ -140,6 +139,7 @@ def run_notebook(experiment:str, params:dict, preset:str="paper", log_output:boo
         from fclora.training import check_precision, resolve_device
         check_precision(cfg, resolve_device(cfg))
     out = check_out_dir(cfg)
+    import papermill as pm   # (seconds of imports: after the checks, so bad input is refused at once)
     out.mkdir(parents=True, exist_ok=True)
     executed = out/nb.name
     params = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(params, preset=preset, out_dir=str(out)).items()}

@@ -43,6 +43,21 @@ def fclora(*args, cwd=None, timeout=900, env=None):
     return run_guarded([str(BIN/"fclora"), *map(str, args)], f"`fclora {' '.join(map(str, args[:3]))} ...`", timeout, cwd=cwd, env=e)
 
 
+def in_process(cli_args, **overrides) -> dict:
+    """What `fclora CLI_ARGS` (a `run` command) would run, run here by `run_experiment` with `overrides`, on THREADS threads
+    like the commands: the same `Config`, read by fclora's own parser, without a kernel's ~15 s of imports."""
+    import torch
+    from fclora.cli import _parser, config_overrides
+    from fclora.core import make_config
+    from fclora.experiment import run_experiment
+    args = _parser().parse_args([str(a) for a in cli_args])
+    cfg = make_config(args.preset, args.experiment, **{**config_overrides(args), **{k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(THREADS))
+    try: return run_experiment(cfg)
+    finally: torch.set_num_threads(threads)
+
+
 def one_line_error(proc):
     "Assert the process failed on bad input: exit 2, one line on stderr, no traceback."
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])

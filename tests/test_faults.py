@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings, HealthCheck, strategies as st
 
-from conftest import BIN, THREADS, fclora, one_line_error, results, hang_guard, hung
+from conftest import BIN, THREADS, fclora, in_process, one_line_error, results, hang_guard, hung
 
 QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
          "--no-progress"]   # the quick preset, its model pinned (the checks below name its patch size, its 12 projections)
@@ -27,30 +27,21 @@ def _npz(folder, x, y, xt=None, yt=None):
     return folder
 
 
-@pytest.fixture(scope="module")
-def no_qkv_model(tmp_path_factory):
-    "A tiny image classifier with no attention (ResNet), saved locally."
-    from transformers import ResNetConfig, ResNetForImageClassification
-    d = tmp_path_factory.mktemp("resnet")
-    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=10)).save_pretrained(d)
-    return d
-
-
-def bad_inputs(tmp, no_qkv):
-    """One bad input per place a run can find it: the command's own check (before any import of torch), the kernel
-    loading the data, the kernel loading the model, and the plan against the model. Which values are bad, and the
-    words of each error, are the notebooks' tests (00_core, 00_data, 01_lora, 02_importance, 03_allocation, 06_experiment);
-    here: that each place turns its error into one line and exit 2, and writes nothing but error.json."""
+def bad_inputs(tmp):
+    """One bad input per place a run can find it: the command's own check (before any import of torch or papermill), the
+    kernel loading the data, and the plan against the model in the kernel. Which values are bad, and the words of each error,
+    are the notebooks' tests (00_core, 00_data, 01_lora, 02_importance, 03_allocation, 06_experiment; a model without
+    attention: 02_importance and test_cli); here: that each place turns its error into one line and exit 2, and writes
+    nothing but error.json."""
     return [
         (["--epochs", "0"], "epochs must be"),                              # fclora run's check, no kernel started
         (["--dataset", str(tmp/"missing")], "unknown dataset"),             # the kernel, loading the data
-        (["--model-name", str(no_qkv)], "no query/key/value"),              # the kernel, loading the model
         (["--rank-budget", "1000"], "infeasible"),                          # the kernel, planning on the model
     ]
 
 
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, no_qkv_model):
-    for i, (args, words) in enumerate(bad_inputs(tmp_path, no_qkv_model)):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path):
+    for i, (args, words) in enumerate(bad_inputs(tmp_path)):
         out = tmp_path/f"run{i}"
         msg = one_line_error(fclora(*QUICK, *args, "--out-dir", out))
         assert words in msg, (args, msg)
@@ -60,7 +51,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, no_qkv_model):
 
 def test_out_dir_policies(tmp_path):
     out = tmp_path/"run"
-    assert fclora(*QUICK, "--epochs", "1", "--out-dir", out).returncode == 0
+    in_process([*QUICK, "--epochs", "1"], out_dir=out)                  # a finished run (made here: its making is not the test)
     assert "--overwrite" in one_line_error(fclora(*QUICK, "--epochs", "1", "--out-dir", out))
     assert fclora(*QUICK, "--epochs", "1", "--out-dir", out, "--overwrite").returncode == 0
     (out/"results.json").unlink()                                       # now it looks unfinished
@@ -93,31 +84,34 @@ CUT = ["--method", "fclora", "--epochs", "8", "--train-subset", "500", "--ckpt-e
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    "An uninterrupted run: the reference for the resumed runs and for a second identical run."
-    out = tmp_path_factory.mktemp("ref")/"run"
-    assert fclora(*QUICK, *CUT, "--out-dir", out).returncode == 0
-    return results(out)
+    "An uninterrupted run, made in the test's process on the commands' thread count: the reference for the interrupted one."
+    return in_process([*QUICK, *CUT], out_dir=tmp_path_factory.mktemp("ref")/"run")
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_run_resumes_to_identical_results(tmp_path, how, reference):
-    proc = _start(CUT, tmp_path/"cut")
-    _wait_for_checkpoint(proc, tmp_path/"cut/last.pt", 10)
+def _stop(proc, how):
+    "Send `how` to the run's process group; return its (stdout, stderr) once it has ended (a second or two when idle)."
     os.killpg(proc.pid, how)
-    try: out, err = proc.communicate(timeout=hang_guard(300))    # a second or two when idle
+    try: return proc.communicate(timeout=hang_guard(300))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL); pytest.fail(hung(f"the run stopping on signal {how}", hang_guard(300), hang_guard(300)), pytrace=False)
-    if how == signal.SIGINT: assert "resume" in err, err[-2000:]
-    assert not (tmp_path/"cut/results.json").exists()
-    torch.load(tmp_path/"cut/last.pt", weights_only=False)             # the checkpoint left behind is intact
-    assert "--resume" in one_line_error(fclora(*QUICK, *CUT, "--out-dir", tmp_path/"cut"))
-    assert fclora(*QUICK, *CUT, "--out-dir", tmp_path/"cut", "--resume").returncode == 0
-    same_results(results(tmp_path/"cut"), reference)
 
 
-def test_same_config_twice_is_identical(tmp_path, reference):
-    assert fclora(*QUICK, *CUT, "--out-dir", tmp_path/"again").returncode == 0
-    same_results(results(tmp_path/"again"), reference)
+def test_interrupted_run_resumes_to_identical_results(tmp_path, reference):
+    """Killed hard (SIGKILL) at step 10, resumed, stopped by Ctrl-C (SIGINT) at step 20, resumed again to the end: the same
+    results as the run never interrupted, in other processes (so also: the same configuration twice gives the same run)."""
+    cut = tmp_path/"cut"
+    proc = _start(CUT, cut)
+    _wait_for_checkpoint(proc, cut/"last.pt", 10)
+    _stop(proc, signal.SIGKILL)
+    assert not (cut/"results.json").exists()
+    torch.load(cut/"last.pt", weights_only=False)                     # the checkpoint a hard kill left behind is intact
+    assert "--resume" in one_line_error(fclora(*QUICK, *CUT, "--out-dir", cut))
+    proc = _start([*CUT, "--resume"], cut)
+    _wait_for_checkpoint(proc, cut/"last.pt", 20)
+    out, err = _stop(proc, signal.SIGINT)
+    assert "resume" in err and not (cut/"results.json").exists(), err[-2000:]
+    assert fclora(*QUICK, *CUT, "--out-dir", cut, "--resume").returncode == 0
+    same_results(results(cut), reference)
 
 
 # ---- fuzzing the public configuration: every value either validates or fails with FcloraError, and every

@@ -4,7 +4,7 @@ import json, subprocess, sys
 
 import pytest
 
-from conftest import BIN, ROOT, fclora, one_line_error, results
+from conftest import BIN, ROOT, fclora, in_process, one_line_error, results
 
 METHODS = ["fclora", "lora", "adalora", "full", "linear", "random", "eva", "static"]
 QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
@@ -15,13 +15,16 @@ KEYS = ["method", "dataset", "model_name", "seed", "config", "test_accuracy", "t
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    "One quick-preset run per method, through `fclora run` (papermill)."
+    """One quick-preset run per method. FC-LoRA's goes the user's way, `fclora run` (papermill, a kernel of its own); the
+    others call what that notebook calls, `run_experiment`, here in the test's process: the path through papermill is the
+    same for every method (08_cli), and a kernel costs ~15 s of imports on 2 cores, most of such a run. The notebook's path
+    for other methods and presets: test_papermill_directly_runs_cifar100_notebook, the sweep test, test_bf16 (lora)."""
     root = tmp_path_factory.mktemp("runs")
-    for m in METHODS:   # static's prior: the fclora run's ranks (fclora runs first)
-        if m == "static": (root/"prior.json").write_text(json.dumps(results(root/"fclora")["ranks"]))
-        prior = ["--rank-prior", root/"prior.json"] if m == "static" else []
-        p = fclora(*QUICK, "--method", m, "--out-dir", root/m, *prior)
-        assert p.returncode == 0, (m, p.stderr[-3000:])
+    p = fclora(*QUICK, "--method", "fclora", "--out-dir", root/"fclora")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (root/"prior.json").write_text(json.dumps(results(root/"fclora")["ranks"]))   # static's prior: the fclora run's ranks
+    for m in METHODS[1:]:
+        in_process(QUICK, out_dir=root/m, method=m, rank_prior=str(root/"prior.json") if m == "static" else None)
     return root
 
 
@@ -47,8 +50,8 @@ def test_results_complete_and_consistent(runs, method):
         saved = json.loads((runs/method/"adapter"/"adapter_config.json").read_text())["eva_config"]
         assert r["eva"] == {"rho": saved["rho"], "whiten": saved["whiten"]}
     else: assert "eva" not in r
-    assert sorted(f.name for f in (runs/method).iterdir()) == sorted(
-        ["config.json", "plan.json", "results.json", "predictions.npz", "10_cifar10.ipynb"] + (["adapter"] if method not in ("full", "linear") else []))
+    assert sorted(f.name for f in (runs/method).iterdir()) == sorted(["config.json", "plan.json", "results.json", "predictions.npz"]
+        + (["adapter"] if method not in ("full", "linear") else []) + (["10_cifar10.ipynb"] if method == "fclora" else []))   # + the executed notebook
     if method == "linear": assert p["adapter"] == 0 and p["trainable"] == p["head"] == 650
 
 

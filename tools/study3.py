@@ -125,8 +125,8 @@ def status():
     print(f"next: {', '.join(f'{ds} {a}-seed{s}' for ds, _, a, s, _, _ in left[:4]) or 'nothing (the known phases are done)'}")
 
 
-def publish(folder, arm, seed, dest):
-    "Copy a finished run (and the study's phase files) into the checkout `dest` and commit them there."
+def publish(folder, arm, seed, dest, label="issue 22: study III"):
+    "Copy a finished run (and the study's phase files) into the checkout `dest` and commit them there (message: `label` + the run)."
     src, paths = Path(folder)/f"{arm}-seed{seed}", []
     for f in [*(src/n for n in RUN_FILES), *src.glob("*.ipynb"), *(Path(folder)/n for n in ("arms.json",))]:
         if not f.exists(): continue
@@ -134,7 +134,7 @@ def publish(folder, arm, seed, dest):
         to.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(f, to); paths.append(str(f))
     for attempt in range(20):   # another git command in dest may hold its index lock for a moment
         add = subprocess.run(["git", "-C", str(dest), "add", "--", *paths], capture_output=True, text=True)
-        com = subprocess.run(["git", "-C", str(dest), "commit", "-q", "-m", f"issue 22: study III {Path(folder).name} {arm}-seed{seed}",
+        com = subprocess.run(["git", "-C", str(dest), "commit", "-q", "-m", f"{label} {Path(folder).name} {arm}-seed{seed}",
                               "--", *paths], capture_output=True, text=True) if add.returncode == 0 else add
         if com.returncode == 0: return
         if "index.lock" not in com.stderr: print(f"publish: {com.stderr.strip()}", file=sys.stderr); return
