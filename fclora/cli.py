@@ -318,6 +318,10 @@ def _interrupt(signum, frame):
 
 def main(argv=None):
     "The `fclora` command."
+    # papermill reads notebooks with nbformat, whose jsonschema imports rfc3987_syntax when installed (jupyterlab brings it):
+    # that module compiles a grammar at import, ~8 s of the command's start on 2 busy cores (jsonschema#1428), to check
+    # "iri" strings, which no notebook field is. The command's own process goes without it.
+    sys.modules.setdefault("rfc3987_syntax", None)
     args = _parser().parse_args(argv)
     if argv is None:  # the `fclora` command (not a call from Python): the kernel runs in its own session, so stop it ourselves
         for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, _interrupt)

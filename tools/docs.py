@@ -18,7 +18,8 @@ import argparse, hashlib, html, json, os, re, shutil, subprocess, sys, tarfile, 
 from html.parser import HTMLParser
 from pathlib import Path
 
-import nbformat, yaml
+sys.modules.setdefault("rfc3987_syntax", None)   # as `fclora`'s command does: nbformat's jsonschema would spend ~8 s compiling
+import nbformat, yaml                            # an IRI grammar at import (jsonschema#1428) that no notebook needs
 from jinja2 import DictLoader
 from nbconvert import HTMLExporter, MarkdownExporter
 
