@@ -10,7 +10,8 @@
 #   bash tools/busy_ci.sh --keep           # keep the clone and its log (kept anyway when the run fails)
 #   bash tools/busy_ci.sh --cmd 'CMD'      # run CMD in the clone instead of the tests (a check of this script)
 # The clone sees ../shared (the real model and data) when this repository has one beside it, as CI's checkout does.
-# Skips are listed with their reasons (PYTEST_ADDOPTS=-rs; the command itself is the README's, verbatim).
+# Skips are listed with their reasons and the 30 slowest steps in the log (PYTEST_ADDOPTS="-rs --durations=30"; the
+# command itself is the README's, verbatim).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 BUSY=$(nproc) VENV="" KEEP=0 ONLY=""
@@ -59,7 +60,7 @@ else  # the same command after the install, in an environment that reuses $VENV'
 fi
 CMD=${ONLY:-$CMD}
 echo "busy_ci.sh: $CMD" | tee -a "$LOG"
-PYTEST_ADDOPTS="-rs" bash -c "$CMD" >> "$LOG" 2>&1
+PYTEST_ADDOPTS="-rs --durations=30" bash -c "$CMD" >> "$LOG" 2>&1
 rc=$?
 set -e
 took=$(( $(date +%s) - start ))
