@@ -157,13 +157,17 @@ def run(dest=None):
         if not started: print("study III: what is left runs in another sweep"); return
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(doc:str, name:str, status, run):
+    "A study driver's command line: `status`, or `run [--publish CHECKOUT]`; interrupts and user errors end in one line."
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("command", choices=["status", "run"])
     p.add_argument("--publish", default=None, metavar="CHECKOUT", help="copy each finished run into this checkout and commit it")
     a = p.parse_args()
     try: status() if a.command == "status" else run(a.publish)
-    except KeyboardInterrupt: print("study3: interrupted; the last checkpoint is kept: run again to continue", file=sys.stderr); sys.exit(130)
+    except KeyboardInterrupt: print(f"{name}: interrupted; the last checkpoint is kept: run again to continue", file=sys.stderr); sys.exit(130)
     except Exception as e:
         if type(e).__name__ != "FcloraError": raise
-        print(f"study3: error: {e}", file=sys.stderr); sys.exit(2)
+        print(f"{name}: error: {e}", file=sys.stderr); sys.exit(2)
+
+
+if __name__ == "__main__": main(__doc__, "study3", status, run)

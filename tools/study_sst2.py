@@ -12,11 +12,11 @@ Every phase is a function of the design and the committed runs, so any session (
     OMP_NUM_THREADS=1 python tools/study_sst2.py run   # run what is left, in order (resumable)
     OMP_NUM_THREADS=1 python tools/study_sst2.py run --publish ../main   # also copy each finished run there and commit it
 """
-import argparse, json, sys
+import json, sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study3 import _lr_name, _results, publish   # the Study III driver's run reading and publishing
+from study3 import _lr_name, _results, main, publish   # the Study III driver's run reading, publishing, command line
 
 FOLDER = Path("results/study-minilm-sst2")
 PRIMARY = ("fclora", "lora")
@@ -77,13 +77,4 @@ def run(dest=None, folder=FOLDER):
         else: print("SST-2 study: what is left runs in another sweep"); return
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("command", choices=["status", "run"])
-    p.add_argument("--publish", default=None, metavar="CHECKOUT", help="copy each finished run into this checkout and commit it")
-    a = p.parse_args()
-    try: status() if a.command == "status" else run(a.publish)
-    except KeyboardInterrupt: print("study_sst2: interrupted; the last checkpoint is kept: run again to continue", file=sys.stderr); sys.exit(130)
-    except Exception as e:
-        if type(e).__name__ != "FcloraError": raise
-        print(f"study_sst2: error: {e}", file=sys.stderr); sys.exit(2)
+if __name__ == "__main__": main(__doc__, "study_sst2", status, run)
