@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 import pytest
 
+from conftest import slow
 from _browser import MISSING, SHOTS, chromium, has_math, new_driver, screenshot, severe_console  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +147,10 @@ def check_page(driver, server, site: Path, stem, title=None, math=False):
     return problems
 
 
-@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.stem)
+DEFAULT_PAGES = ('index', '04_training', '12_results')   # the home page, a chapter with math and figures, the results: the rest are slow
+
+
+@pytest.mark.parametrize('nb', [pytest.param(nb, marks=() if nb.stem in DEFAULT_PAGES else slow) for nb in NOTEBOOKS], ids=lambda p: p.stem)
 def test_page_in_browser(driver, server, docs_site, nb):
     page = docs_site/f'{nb.stem}.html'
     assert page.exists(), f'{page.name}: not built'

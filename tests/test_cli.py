@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import fclora, one_line_error
+from conftest import fclora, one_line_error, slow
 
 TINY = ["--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16", "--quiet"]
 
@@ -24,6 +24,7 @@ def test_plan_prints_tables_and_writes_json(tmp_path):
     for row in plan["importance"].values(): assert set(row) == {"fisher", "grad", "cov", "score"}
 
 
+@slow
 def test_plan_is_deterministic_and_old_spellings_still_work(tmp_path):
     "Same options, same plan; the old spellings (--model, --budget, --weights) give the same plan, with a note each."
     new = fclora("plan", *TINY, "--rank-budget", "24", "--metric-weights", "0.6,0.2,0.2", "--score-batches", "2", "--json", tmp_path/"a.json")
@@ -38,17 +39,19 @@ def test_plan_is_deterministic_and_old_spellings_still_work(tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--metric-weights", "0.5,0.5,0.5"], "summing to 1"),                                       # checked before loading anything
-    (["--targets", "mlp_in,mlp_out"], "no nn.Linear or Conv1D layer of DeiTForImageClassification matches"),  # on the model
+    pytest.param(["--targets", "mlp_in,mlp_out"], "no nn.Linear or Conv1D layer of DeiTForImageClassification matches", marks=slow),  # on the model
 ])
 def test_plan_bad_input_one_line(args, words):
     "Each place `fclora plan` can find a bad value turns it into one line, exit 2 (which values are bad: 02/03/08_plan's tests)."
     assert words in one_line_error(fclora("plan", *TINY, "--score-batches", "1", *args))
 
 
+@slow
 def test_plan_bad_data(tmp_path):
     assert "unknown dataset" in one_line_error(fclora("plan", "--model-name", "random-deit-tiny", "--dataset", tmp_path/"nope"))
 
 
+@slow
 def test_plan_targets_and_param_budget(tmp_path):
     "--targets picks other layers (the attention outputs and MLPs of the tiny DeiT), --budget-unit params spends parameters."
     p = fclora("plan", *TINY, "--targets", "o_proj|fc1|fc2|dense", "--budget-unit", "params", "--rank-budget", "20000", "--score-batches", "2",
@@ -63,6 +66,7 @@ def test_plan_targets_and_param_budget(tmp_path):
     assert (tmp_path/"plan/adapter_config.json").exists()
 
 
+@slow
 def test_saved_cli_plan_equals_python_plan(shared, tmp_path):
     "`fclora plan --save-config DIR` on the ViT-S/14 gives the ranks `fclora.plan` gives in Python on the same seeded batches."
     import torch

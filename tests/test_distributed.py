@@ -9,7 +9,7 @@ import pytest
 import numpy as np
 import pandas as pd
 
-from conftest import BIN, fclora, in_process, results, hang_guard, hung
+from conftest import BIN, fclora, in_process, results, hang_guard, hung, slow
 
 SCORE = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
@@ -28,6 +28,7 @@ SCORE = textwrap.dedent("""
 """)
 
 
+@slow
 def test_importance_of_two_processes_equals_one(tmp_path):
     (tmp_path/"score.py").write_text(SCORE)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -88,6 +89,7 @@ def _free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+@slow
 def test_two_nodes_equal_one_process_adalora(one_process, tmp_path):
     """Two "machines" (torchrun nodes 0 and 1 on 127.0.0.1, one process each, their own out_dirs) train AdaLoRA:
     the same run as one process, and AdaLoRA's schedule fits the steps taken (its ranks reach the budget)."""

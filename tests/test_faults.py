@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings, HealthCheck, strategies as st
 
-from conftest import BIN, THREADS, fclora, in_process, one_line_error, results, hang_guard, hung
+from conftest import BIN, THREADS, fclora, in_process, one_line_error, results, hang_guard, hung, slow
 
 QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
          "--no-progress"]   # the quick preset, its model pinned (the checks below name its patch size, its 12 projections)
@@ -49,6 +49,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path):
         assert written in ([], ["error.json"]), (args, written)
 
 
+@slow
 def test_out_dir_policies(tmp_path):
     out = tmp_path/"run"
     in_process([*QUICK, "--epochs", "1"], out_dir=out)                  # a finished run (made here: its making is not the test)
@@ -96,6 +97,7 @@ def _stop(proc, how):
         os.killpg(proc.pid, signal.SIGKILL); pytest.fail(hung(f"the run stopping on signal {how}", hang_guard(300), hang_guard(300)), pytrace=False)
 
 
+@slow
 def test_interrupted_run_resumes_to_identical_results(tmp_path, reference):
     """Killed hard (SIGKILL) at step 10, resumed, stopped by Ctrl-C (SIGINT) a few steps later, resumed again to the end: the same
     results as the run never interrupted, in other processes (so also: the same configuration twice gives the same run)."""

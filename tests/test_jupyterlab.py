@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import hang_guard, hung
+from conftest import hang_guard, hung, slow
 from _browser import MISSING, SHOTS, chromium, has_math, new_driver, screenshot, severe_console  # noqa: F401 (a fixture)
+
+pytestmark = slow   # a JupyterLab server, a kernel and a quick run: minutes (conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -9,7 +9,7 @@ from torch import nn
 
 import fclora
 from fclora.data import FcloraError
-from conftest import run_guarded
+from conftest import run_guarded, slow
 
 VOCAB = 64
 
@@ -245,6 +245,7 @@ def peft_floor() -> str:
     return floor
 
 
+@slow
 def test_rank_patterns_round_trip_in_the_oldest_peft_allowed(tmp_path):
     floor = peft_floor()
     pip = run_guarded([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",

@@ -4,7 +4,7 @@ import json, subprocess, sys
 
 import pytest
 
-from conftest import BIN, ROOT, fclora, in_process, one_line_error, results
+from conftest import BIN, ROOT, fclora, in_process, one_line_error, results, slow
 
 METHODS = ["fclora", "lora", "adalora", "full", "linear", "random", "eva", "static"]
 QUICK = ["run", "cifar10", "--preset", "quick", "--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16",
@@ -18,7 +18,7 @@ def runs(tmp_path_factory):
     """One quick-preset run per method. FC-LoRA's goes the user's way, `fclora run` (papermill, a kernel of its own); the
     others call what that notebook calls, `run_experiment`, here in the test's process: the path through papermill is the
     same for every method (08_cli), and a kernel costs ~15 s of imports on 2 cores, most of such a run. The notebook's path
-    for other methods and presets: test_papermill_directly_runs_cifar100_notebook, the sweep test, test_bf16 (lora)."""
+    for other methods and presets (the slow tier): test_papermill_directly_runs_cifar100_notebook, the sweep test, test_bf16_emulated_when_the_user_insists (lora)."""
     root = tmp_path_factory.mktemp("runs")
     p = fclora(*QUICK, "--method", "fclora", "--out-dir", root/"fclora")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -86,7 +86,7 @@ def test_uniform_lora_is_uniform(runs):
     assert sorted(set(results(runs/"lora")["ranks"].values())) == [2]   # 24 over 12 projections
 
 
-@pytest.mark.parametrize("method", ["fclora", "eva"])
+@pytest.mark.parametrize("method", ["fclora", pytest.param("eva", marks=slow)])
 def test_adapter_reloads_with_stock_peft(runs, tmp_path, method):
     "A fresh process, no fclora model code: transformers + peft rebuild the model and reproduce the test accuracy."
     r = results(runs/method)
@@ -126,6 +126,7 @@ def test_unreachable_download_says_what_to_do(tmp_path):
     assert "pass a local folder" in one_line_error(p)
 
 
+@slow
 def test_papermill_directly_runs_cifar100_notebook(tmp_path):
     out = tmp_path/"c100"
     p = subprocess.run([str(BIN/"papermill"), str(ROOT/"nbs/11_cifar100.ipynb"), str(tmp_path/"out.ipynb"), "-p", "preset", "quick",
@@ -136,6 +137,7 @@ def test_papermill_directly_runs_cifar100_notebook(tmp_path):
     assert r["method"] == "lora" and r["config"]["epochs"] == 1 and sum(r["ranks"].values()) == r["rank_budget"]
 
 
+@slow
 def test_sweep_runs_methods_by_seeds_and_compare_aggregates(tmp_path):
     out = tmp_path/"sweep"
     p = fclora("sweep", "cifar10", "--preset", "quick", "--methods", "lora,linear", "--seeds", "0,1", "--epochs", "1",
@@ -154,16 +156,26 @@ def test_sweep_runs_methods_by_seeds_and_compare_aggregates(tmp_path):
     assert abs(agg.loc["lora", "test_accuracy mean"] - sum(accs) / 2) < 1e-12
 
 
-def test_bf16_on_a_cpu_that_would_emulate_it(tmp_path):
-    """Issue 20: bf16 on a CPU without native bf16 (emulated, ~15x slower than float32) is refused in one line before any work, by
-    `fclora run` and `fclora plan`, naming the fix; `--allow-emulated-bf16` insists, and the run records the CPU it ran on."""
+def emulating_bf16():
     from fclora.training import native_bf16
     if native_bf16("cpu"): pytest.skip("this CPU multiplies bf16 natively: nothing to refuse here (04_training tests the rule itself)")
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it_is_refused(tmp_path):
+    """Issue 20: bf16 on a CPU without native bf16 (emulated, ~15x slower than float32) is refused in one line before any work, by
+    `fclora run` and `fclora plan`, naming the fix."""
+    emulating_bf16()
     tiny = ["--model-name", "random-deit-tiny", "--dataset", "digits", "--image-size", "16"]
     for args in ([*QUICK, "--out-dir", tmp_path/"refused"], ["plan", *tiny, "--quiet"]):
         line = one_line_error(fclora(*args, "--precision", "bf16"))
         assert "no native bf16" in line and "slower than float32" in line and 'precision="fp32"' in line and "--allow-emulated-bf16" in line, line
     assert not (tmp_path/"refused").exists()                           # refused before anything was written
+
+
+@slow
+def test_bf16_emulated_when_the_user_insists(tmp_path):
+    "`--allow-emulated-bf16` insists: the run goes through (the notebook, in bf16), and records the CPU it ran on."
+    emulating_bf16()
     p = fclora(*QUICK, "--method", "lora", "--epochs", "1", "--train-subset", "100", "--test-subset", "32", "--precision", "bf16",
                "--allow-emulated-bf16", "--out-dir", tmp_path/"insisted")   # lora: no scoring; a few emulated steps suffice
     assert p.returncode == 0, p.stderr[-3000:]

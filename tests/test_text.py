@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, fclora, one_line_error, results
+from conftest import ROOT, fclora, one_line_error, results, slow
 
 ALL = "query,key,value,attention.output.dense,intermediate.dense,output.dense"   # every linear layer of a BERT encoder
 KEYS = ["method", "arm", "dataset", "model_name", "seed", "config", "test_accuracy", "test_loss", "ece", "ece_scaled", "mce",
@@ -76,7 +76,7 @@ def test_compare_reads_text_runs(sweep, tmp_path):
     assert (tmp_path/"runs.csv").read_text().count("\n") == 3
 
 
-@pytest.mark.parametrize("case", ["no folder", "bad row"])   # a bad label, a missing file: 09_text's tests
+@pytest.mark.parametrize("case", [pytest.param("no folder", marks=slow), "bad row"])   # a bad label, a missing file: 09_text's tests
 def test_bad_data_one_line(tiny, tmp_path, case):
     model, data = tiny
     folder = tmp_path/"data"
@@ -145,3 +145,31 @@ def test_study_design_is_the_issues():
     assert sel_settings == settings
     assert sel == {f"select-{a}-lr{lr:g}": dict({k: v for k, v in arms[a].items() if k not in ("seeds", "lr")}, lr=lr, seeds=[design["selection_seed"]])
                    for a, lrs in design["lr_grid"].items() for lr in lrs}
+
+
+def test_committed_runs_follow_the_design():
+    """Every committed run of the study (selection and evaluation): the design's one recipe, its arm's settings and rate
+    (the chosen one, for an evaluation run), one of its seeds, fp32 on one thread, and its files (config, plan, per-sentence
+    predictions, the executed notebook)."""
+    from fclora.cli import load_arms
+    settings, arms = load_arms(STUDY/"arms.json")
+    phases = {**load_arms(STUDY/"select-arms.json")[1], **arms}
+    done = sorted(STUDY.glob("*-seed*/results.json"))
+    for f in done:
+        arm, seed = f.parent.name.rsplit("-seed", 1)
+        r, a = json.loads(f.read_text()), phases[arm]
+        assert int(seed) in a["seeds"] and "lr" in a and r["arm"] == arm, f
+        want = {**settings, **{k: v for k, v in a.items() if k != "seeds"}, "seed": int(seed)}
+        assert {k: r["config"][k] for k in want if k != "progress"} == {k: v for k, v in want.items() if k != "progress"}, f
+        assert r["host"]["precision"] == "fp32" and r["host"]["threads"] == 1 and r["n_test"] == 872, f
+        for name in ("config.json", "plan.json", "predictions.npz", "13_sst2.ipynb"): assert (f.parent/name).is_file(), (f, name)
+
+
+def test_committed_tables_are_the_evaluation_runs_aggregated():
+    "`runs.csv` and `aggregate.csv` (`tools/study_sst2.py tables`) are what the report code computes from the committed evaluation runs."
+    import pandas as pd
+    from fclora.report import load_results, aggregate
+    runs = [r for r in load_results(STUDY) if not r["arm"].startswith("select-")]
+    if not runs: pytest.skip("no evaluation run committed yet")
+    pd.testing.assert_frame_equal(aggregate(runs), pd.read_csv(STUDY/"aggregate.csv", index_col="method"), check_dtype=False, rtol=1e-9, atol=1e-12)
+    assert sorted(zip(*pd.read_csv(STUDY/"runs.csv")[["method", "seed"]].T.values)) == sorted((r["arm"], r["seed"]) for r in runs)

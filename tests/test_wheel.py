@@ -4,7 +4,7 @@ not this repository, then `fclora run cifar10 --preset quick` from a folder outs
 import os, subprocess, sys
 from pathlib import Path
 
-from conftest import ROOT, THREADS
+from conftest import ROOT, THREADS, slow
 
 
 def sh(*args, **kw):
@@ -13,6 +13,7 @@ def sh(*args, **kw):
     return p.stdout
 
 
+@slow
 def test_wheel_runs_an_experiment_outside_the_clone(tmp_path):
     sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path/"dist", ROOT, cwd=tmp_path)
     wheel, = (tmp_path/"dist").glob("fclora-*.whl")

@@ -43,7 +43,7 @@ for ((i = 0; i < BUSY; i++)); do python3 -c 'while True: pass' & PIDS+=($!); don
 start=$(date +%s)
 set +e
 if [[ -z "$VENV" ]]; then
-  CMD='python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/nbdev_test && .venv/bin/pytest tests'
+  CMD='python3 -m venv .venv && .venv/bin/pip install --no-compile -e ".[dev]" && .venv/bin/nbdev_test && .venv/bin/pytest tests'
 else  # the same command after the install, in an environment that reuses $VENV's packages
   python3 -m venv .venv
   "$VENV/bin/python" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("-packages")))' \

@@ -157,13 +157,13 @@ def run(dest=None):
         if not started: print("study III: what is left runs in another sweep"); return
 
 
-def main(doc:str, name:str, status, run):
-    "A study driver's command line: `status`, or `run [--publish CHECKOUT]`; interrupts and user errors end in one line."
+def main(doc:str, name:str, status, run, tables=None):
+    "A study driver's command line: `status`, `run [--publish CHECKOUT]` (or `tables`); interrupts and user errors end in one line."
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
-    p.add_argument("command", choices=["status", "run"])
+    p.add_argument("command", choices=["status", "run"] + (["tables"] if tables else []))
     p.add_argument("--publish", default=None, metavar="CHECKOUT", help="copy each finished run into this checkout and commit it")
     a = p.parse_args()
-    try: status() if a.command == "status" else run(a.publish)
+    try: {"status": status, "run": lambda: run(a.publish), "tables": tables}[a.command]()
     except KeyboardInterrupt: print(f"{name}: interrupted; the last checkpoint is kept: run again to continue", file=sys.stderr); sys.exit(130)
     except Exception as e:
         if type(e).__name__ != "FcloraError": raise

@@ -11,6 +11,7 @@ Every phase is a function of the design and the committed runs, so any session (
     python tools/study_sst2.py status                  # what is done, the rates chosen so far, what is next
     OMP_NUM_THREADS=1 python tools/study_sst2.py run   # run what is left, in order (resumable)
     OMP_NUM_THREADS=1 python tools/study_sst2.py run --publish ../main   # also copy each finished run there and commit it
+    python tools/study_sst2.py tables                  # runs.csv and aggregate.csv of the evaluation runs committed so far
 """
 import json, sys
 from pathlib import Path
@@ -73,8 +74,25 @@ def run(dest=None, folder=FOLDER):
             if not sweep("sst2", {arm: dict(over, seeds=[seed])}, [seed], str(folder), settings): continue   # claimed elsewhere
             if dest and (Path(folder)/f"{arm}-seed{seed}"/"results.json").exists():
                 publish(folder, arm, seed, dest, label="issue 23: MiniLM/SST-2 study")
+                if not arm.startswith("select-"): publish_tables(Path(dest)/folder, dest)
             break   # a rate may have been chosen: look again
         else: print("SST-2 study: what is left runs in another sweep"); return
 
 
-if __name__ == "__main__": main(__doc__, "study_sst2", status, run)
+def tables(folder=FOLDER):
+    "Write `runs.csv` and `aggregate.csv` of the evaluation runs committed so far (`fclora compare`; selection runs left out)."
+    from fclora.cli import compare
+    runs = sorted(str(f.parent) for f in Path(folder).glob("*-seed*/results.json") if not f.parent.name.startswith("select-"))
+    compare(runs, csv=str(Path(folder)/"runs.csv"), agg_csv=str(Path(folder)/"aggregate.csv"))
+
+
+def publish_tables(folder, dest):
+    "Rewrite the tables of the runs committed in checkout `dest` and commit them there (the tests check they agree)."
+    import subprocess
+    tables(folder)
+    files = [str(Path(folder)/n) for n in ("runs.csv", "aggregate.csv")]
+    subprocess.run(["git", "-C", str(dest), "add", "--", *files], capture_output=True)
+    subprocess.run(["git", "-C", str(dest), "commit", "-q", "-m", "issue 23: MiniLM/SST-2 study tables", "--", *files], capture_output=True)
+
+
+if __name__ == "__main__": main(__doc__, "study_sst2", status, run, tables)
