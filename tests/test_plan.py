@@ -53,6 +53,7 @@ print(json.dumps(out))
 """
 
 
+@slow
 def test_saved_plan_builds_the_planned_adapter_in_a_fresh_process(tmp_path):
     plans = {"gpt2": fclora.plan(gpt2(), tokens(), 2_000, targets=["c_attn", "c_proj", "c_fc"], budget_unit="params", progress=False),
              "vit": fclora.plan(vit(), images(), 20, progress=False)}

@@ -60,7 +60,7 @@ else  # the same command after the install, in an environment that reuses $VENV'
 fi
 CMD=${ONLY:-$CMD}
 echo "busy_ci.sh: $CMD" | tee -a "$LOG"
-PYTEST_ADDOPTS="-rs --durations=30" bash -c "$CMD" >> "$LOG" 2>&1
+PYTEST_ADDOPTS="-rs --durations=30" env -u PYTHONDONTWRITEBYTECODE bash -c "$CMD" >> "$LOG" 2>&1   # as .ci/run does (see there)
 rc=$?
 set -e
 took=$(( $(date +%s) - start ))
