@@ -103,10 +103,10 @@ def docs_site(tmp_path_factory):
 
 
 # The default run (pyproject.toml: -m 'not slow') keeps one check of each process boundary (a `fclora run` through
-# papermill, the `fclora` command, torchrun processes, the docs site in Chromium, a saved adapter reloaded by stock peft,
-# the text notebook and its one-line errors) so that the README's test command fits 10 minutes on 2 idle cores, install
-# included; `slow` marks the longer cross-process checks of the same paths (sweeps, `--nproc 2` and two torchrun nodes
-# against one process, resume after a kill, bad input at each place a run finds it, the bf16 refusal, the wheel,
-# JupyterLab, every page in Chromium): `pytest tests -m slow` runs them, `pytest tests -m ''` runs everything.
+# papermill, the `fclora` command, `--nproc 2` against one process, the docs site in Chromium, a saved adapter reloaded
+# by stock peft, the text notebook, bad input and the bf16 refusal in one line) so that the README's test command fits
+# 10 minutes on 2 idle cores, install included; `slow` marks the longer cross-process checks of the same paths (sweeps,
+# two torchrun nodes, resume after a kill, the plan in a fresh process, the wheel, JupyterLab, every page in Chromium):
+# `pytest tests -m slow` runs them, `pytest tests -m ''` runs everything.
 slow = pytest.mark.slow
 

@@ -72,7 +72,6 @@ def one_process(tmp_path_factory):
     return {m: in_process([*RECIPE, "--method", m], out_dir=root/m) for m in ("fclora", "adalora")}
 
 
-@slow
 def test_two_processes_equal_one(one_process, tmp_path):
     "`--nproc 2` splits the global batch of 16 into 2 x 8: the same steps, the same plan, the same run."
     p = fclora(*RECIPE, "--method", "fclora", "--nproc", "2", "--out-dir", tmp_path/"two")

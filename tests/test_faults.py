@@ -40,7 +40,6 @@ def bad_inputs(tmp):
     ]
 
 
-@slow
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path):
     for i, (args, words) in enumerate(bad_inputs(tmp_path)):
         out = tmp_path/f"run{i}"

@@ -161,7 +161,6 @@ def emulating_bf16():
     if native_bf16("cpu"): pytest.skip("this CPU multiplies bf16 natively: nothing to refuse here (04_training tests the rule itself)")
 
 
-@slow
 def test_bf16_on_a_cpu_that_would_emulate_it_is_refused(tmp_path):
     """Issue 20: bf16 on a CPU without native bf16 (emulated, ~15x slower than float32) is refused in one line before any work, by
     `fclora run` and `fclora plan`, naming the fix."""
