@@ -173,3 +173,20 @@ def test_committed_tables_are_the_evaluation_runs_aggregated():
     if not runs: pytest.skip("no evaluation run committed yet")
     pd.testing.assert_frame_equal(aggregate(runs), pd.read_csv(STUDY/"aggregate.csv", index_col="method"), check_dtype=False, rtol=1e-9, atol=1e-12)
     assert sorted(zip(*pd.read_csv(STUDY/"runs.csv")[["method", "seed"]].T.values)) == sorted((r["arm"], r["seed"]) for r in runs)
+
+
+def test_the_pages_quote_the_primary_pair():
+    "Once the primary pair has its ten seeds, the pages state its paired difference and CI as the committed runs compute them."
+    import re
+    from fclora.report import load_results, decision_table
+    runs = [r for r in load_results(STUDY) if not r["arm"].startswith("select-")]
+    row = decision_table(runs, [("fclora", "lora")]).iloc[0]
+    if row["seeds"] < 10: pytest.skip(f"the primary pair has {row['seeds']} of its 10 paired seeds")
+    interval = re.escape(f"95% CI {row['CI low']:+.2f} .. {row['CI high']:+.2f}")
+    headline = re.compile(re.escape(f"{row['A - B']:+.2f} points") + ".{0,40}" + interval)
+    def prose(path):   # a page's text, one space between words, without markdown emphasis; a notebook's markdown cells
+        text = path.read_text()
+        if path.suffix == ".ipynb": text = " ".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
+        return " ".join(text.replace("*", "").split())
+    for page in ("README.md", "nbs/12_results.ipynb", "results/README.md"):
+        assert headline.search(prose(ROOT/page)), (page, headline.pattern)
