@@ -66,6 +66,13 @@ def one_line_error(proc):
     return lines[0]
 
 
+def prose(path) -> str:
+    "A page's text, one space between words, without markdown emphasis; of a notebook, its markdown cells."
+    text = Path(path).read_text()
+    if Path(path).suffix == ".ipynb": text = " ".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
+    return " ".join(text.replace("*", "").split())
+
+
 @pytest.fixture
 def shared():
     if not (SHARED/"models/vit-small-patch14-imgfocus/config.json").exists(): pytest.skip("../shared is absent")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fclora
+from conftest import fclora, prose
 from fclora.cli import load_arms, sweep_runs
 from fclora.core import Config
 from fclora.experiment import make_config, validate_config
@@ -118,10 +118,6 @@ def test_the_pages_quote_the_runs():
     interval = f"{fc['CI low']:+.2f} .. {fc['CI high']:+.2f}"
     headline = re.compile(rf"{abs(fc['A - B']):.2f}.{{0,60}}{re.escape(interval)}")   # the mean, then its CI, in one sentence
     root = STUDY.parents[1]
-    def prose(path):   # a page's text, one space between words, without markdown emphasis; a notebook's markdown cells
-        text = path.read_text()
-        if path.suffix == ".ipynb": text = " ".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
-        return " ".join(text.replace("*", "").split())
     pages = {p: prose(root/p) for p in ("README.md", "nbs/12_results.ipynb", "results/README.md")}
     for p, text in pages.items():
         assert headline.search(text), (p, headline.pattern)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, fclora, one_line_error, results, slow
+from conftest import ROOT, fclora, one_line_error, prose, results, slow
 
 ALL = "query,key,value,attention.output.dense,intermediate.dense,output.dense"   # every linear layer of a BERT encoder
 KEYS = ["method", "arm", "dataset", "model_name", "seed", "config", "test_accuracy", "test_loss", "ece", "ece_scaled", "mce",
@@ -184,9 +184,5 @@ def test_the_pages_quote_the_primary_pair():
     if row["seeds"] < 10: pytest.skip(f"the primary pair has {row['seeds']} of its 10 paired seeds")
     interval = re.escape(f"95% CI {row['CI low']:+.2f} .. {row['CI high']:+.2f}")
     headline = re.compile(re.escape(f"{row['A - B']:+.2f} points") + ".{0,40}" + interval)
-    def prose(path):   # a page's text, one space between words, without markdown emphasis; a notebook's markdown cells
-        text = path.read_text()
-        if path.suffix == ".ipynb": text = " ".join("".join(c["source"]) for c in json.loads(text)["cells"] if c["cell_type"] == "markdown")
-        return " ".join(text.replace("*", "").split())
     for page in ("README.md", "nbs/12_results.ipynb", "results/README.md"):
         assert headline.search(prose(ROOT/page)), (page, headline.pattern)
