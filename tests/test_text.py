@@ -165,6 +165,28 @@ def test_committed_runs_follow_the_design():
         for name in ("config.json", "plan.json", "predictions.npz", "13_sst2.ipynb"): assert (f.parent/name).is_file(), (f, name)
 
 
+def test_every_arm_has_its_seeds():
+    "The study is complete: each selection run and each evaluation arm's every seed is committed, and nothing else."
+    from fclora.cli import load_arms
+    want = {(arm, seed) for f in ("select-arms.json", "arms.json") for arm, o in load_arms(STUDY/f)[1].items() for seed in o["seeds"]}
+    done = {tuple(f.parent.name.rsplit("-seed", 1)) for f in STUDY.glob("*-seed*/results.json")}
+    assert {(a, int(s)) for a, s in done} == want
+
+
+def test_the_host_check_matches_the_study_run():
+    "The rerun of one AVX2 run on an AVX-512 host (its README): other vector code, the same predictions; float sums within 1e-5 (relative)."
+    import numpy as np
+    name = "select-lora-lr0.003-seed100"
+    a, b = (ROOT/"results"/d/name for d in ("study-minilm-sst2", "study-minilm-sst2-host-check"))
+    ra, rb = json.loads((a/"results.json").read_text()), json.loads((b/"results.json").read_text())
+    assert (ra["host"]["cpu_capability"], rb["host"]["cpu_capability"]) == ("AVX2", "AVX512")
+    assert ra["config"] == {**rb["config"], "out_dir": ra["config"]["out_dir"]}
+    pa, pb = np.load(a/"predictions.npz"), np.load(b/"predictions.npz")
+    assert pa.files == pb.files and all((pa[k] == pb[k]).all() for k in pa.files)
+    assert ra["test_accuracy"] == rb["test_accuracy"] and [h["val_acc"] for h in ra["history"]] == [h["val_acc"] for h in rb["history"]]
+    for k in ("test_loss", "ece_scaled", "temperature"): assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
+
+
 def test_committed_tables_are_the_evaluation_runs_aggregated():
     "`runs.csv` and `aggregate.csv` (`tools/study_sst2.py tables`) are what the report code computes from the committed evaluation runs."
     import pandas as pd
