@@ -187,6 +187,30 @@ def test_the_host_check_matches_the_study_run():
     for k in ("test_loss", "ece_scaled", "temperature"): assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
 
 
+def test_the_lr_check_follows_its_rule():
+    """The after-study check (its README): the primary arms at 6e-3 and 1e-2 on the selection seed, each arm's rate
+    re-chosen over the extended grid by the study's rule, and exactly the arms whose rate changed run on the ten
+    evaluation seeds at it, with the study's settings, fp32, one thread."""
+    from fclora.cli import load_arms
+    from fclora.report import load_results, select_lr
+    CHECK = ROOT/"results"/"study-minilm-sst2-lr-check"
+    settings, arms = load_arms(STUDY/"arms.json")
+    grid_settings, grid = load_arms(CHECK/"arms.json")
+    eval_settings, reruns = load_arms(CHECK/"eval-arms.json")
+    assert grid_settings == eval_settings == settings
+    assert grid == {f"check-{a}-lr{lr:g}": dict(method=a, lr=lr, seeds=[100]) for a in ("fclora", "lora") for lr in (0.006, 0.01)}
+    val = {(r["method"], r["config"]["lr"]): r["history"][-1]["val_acc"] for r in load_results(STUDY) + load_results(CHECK)
+           if r["seed"] == 100 and r["config"].get("targets") is None}
+    chosen = {a: select_lr({lr: v for (m, lr), v in val.items() if m == a}) for a in ("fclora", "lora")}
+    assert {a: len([1 for m, _ in val if m == a]) for a in chosen} == {"fclora": 5, "lora": 5}
+    assert reruns == {f"{a}-lr{lr:g}": dict(method=a, lr=lr, seeds=arms[a]["seeds"]) for a, lr in chosen.items() if lr != arms[a]["lr"]}
+    for r in load_results(CHECK):
+        o = {**grid, **reruns}[r["arm"]]
+        assert r["seed"] in o["seeds"] and {k: r["config"][k] for k in settings if k != "progress"} == {k: v for k, v in settings.items() if k != "progress"}
+        assert (r["config"]["method"], r["config"]["lr"], r["host"]["precision"], r["host"]["threads"]) == (o["method"], o["lr"], "fp32", 1)
+    assert sorted((r["arm"], r["seed"]) for r in load_results(CHECK)) == sorted((a, s) for a, o in {**grid, **reruns}.items() for s in o["seeds"])
+
+
 def test_committed_tables_are_the_evaluation_runs_aggregated():
     "`runs.csv` and `aggregate.csv` (`tools/study_sst2.py tables`) are what the report code computes from the committed evaluation runs."
     import pandas as pd
@@ -197,14 +221,25 @@ def test_committed_tables_are_the_evaluation_runs_aggregated():
     assert sorted(zip(*pd.read_csv(STUDY/"runs.csv")[["method", "seed"]].T.values)) == sorted((r["arm"], r["seed"]) for r in runs)
 
 
-def test_the_pages_quote_the_primary_pair():
-    "Once the primary pair has its ten seeds, the pages state its paired difference and CI as the committed runs compute them."
+def quoted(row):
+    "A decision_table row as the pages word it: '+1.01 points (95% CI +0.27 .. +1.75', a few words allowed between."
     import re
+    interval = re.escape(f"95% CI {row['CI low']:+.2f} .. {row['CI high']:+.2f}")
+    return re.compile(re.escape(f"{row['A - B']:+.2f} points") + ".{0,40}" + interval)
+
+
+def test_the_pages_quote_the_study():
+    """The pages state each designed pair's paired difference and CI as the committed runs compute them: the primary pair
+    on the README, the results page and results/README; EVA and the parameter-budget pair against uniform, and the
+    after-study check (FC-LoRA against uniform LoRA at its re-chosen rate), on the last two."""
     from fclora.report import load_results, decision_table
     runs = [r for r in load_results(STUDY) if not r["arm"].startswith("select-")]
-    row = decision_table(runs, [("fclora", "lora")]).iloc[0]
-    if row["seeds"] < 10: pytest.skip(f"the primary pair has {row['seeds']} of its 10 paired seeds")
-    interval = re.escape(f"95% CI {row['CI low']:+.2f} .. {row['CI high']:+.2f}")
-    headline = re.compile(re.escape(f"{row['A - B']:+.2f} points") + ".{0,40}" + interval)
-    for page in ("README.md", "nbs/12_results.ipynb", "results/README.md"):
-        assert headline.search(prose(ROOT/page)), (page, headline.pattern)
+    check = [r for r in load_results(ROOT/"results"/"study-minilm-sst2-lr-check") if r["arm"] == "lora-lr0.006"]
+    pairs = {("fclora", "lora"): ("README.md", "nbs/12_results.ipynb", "results/README.md"),
+             ("eva", "lora"): ("nbs/12_results.ipynb", "results/README.md"),
+             ("fclora-all", "lora-all"): ("nbs/12_results.ipynb", "results/README.md"),
+             ("fclora", "lora-lr0.006"): ("nbs/12_results.ipynb", "results/README.md")}
+    for (a, b), pages in pairs.items():
+        row = decision_table(runs + check, [(a, b)]).iloc[0]
+        assert row["seeds"] == (10 if a == "fclora" else 5), (a, b)
+        for page in pages: assert quoted(row).search(prose(ROOT/page)), (page, quoted(row).pattern)
