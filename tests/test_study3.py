@@ -113,3 +113,15 @@ def test_committed_runs_follow_the_design():
             assert all(cfg[k] == v for k, v in {**settings, **over}.items() if k != "seeds"), f.parent.name
             assert r["host"]["precision"] == "fp32" and r["host"]["threads"] == 1, f.parent.name
             assert (f.parent/"predictions.npz").exists() and (f.parent/"config.json").exists()
+
+
+def test_a_seeds_allocation_does_not_depend_on_the_rate():
+    "FC-LoRA scores before training: every committed run of one seed trains the same ranks, whatever its rate or phase."
+    for ds, folder in FOLDERS.items():
+        by_seed = {}
+        for f in sorted(folder.glob("*-seed*/results.json")):
+            r = json.loads(f.read_text())
+            if r["method"] == "fclora": by_seed.setdefault(r["seed"], []).append((f.parent.name, r["ranks"]))
+        for seed, runs in by_seed.items():
+            assert all(sum(ranks.values()) == design(ds)["settings"]["rank_budget"] for _, ranks in runs)
+            assert all(ranks == runs[0][1] for _, ranks in runs), [name for name, _ in runs]
