@@ -125,3 +125,47 @@ def test_a_seeds_allocation_does_not_depend_on_the_rate():
         for seed, runs in by_seed.items():
             assert all(sum(ranks.values()) == design(ds)["settings"]["rank_budget"] for _, ranks in runs)
             assert all(ranks == runs[0][1] for _, ranks in runs), [name for name, _ in runs]
+
+
+def test_committed_tables_are_the_evaluation_runs_aggregated():
+    "`runs.csv` and `aggregate.csv` (`tools/study3.py tables`) are what the report code computes from the committed evaluation runs."
+    import pandas as pd
+    from fclora.report import load_results, aggregate
+    for ds, folder in FOLDERS.items():
+        runs = [r for r in load_results(folder) if not r["arm"].startswith("select-")]
+        if not runs: continue
+        pd.testing.assert_frame_equal(aggregate(runs), pd.read_csv(folder/"aggregate.csv", index_col="method"),
+                                      check_dtype=False, rtol=1e-9, atol=1e-12)
+        assert sorted(zip(*pd.read_csv(folder/"runs.csv")[["method", "seed"]].T.values)) == sorted((r["arm"], r["seed"]) for r in runs)
+
+
+def grid_tables(text) -> dict:
+    "{(dataset, arm): {rate: cell}} of results/README's rate-grid tables (header `| CIFAR-10 rate | 1e-3 | ... |`)."
+    import re
+    out = {}
+    for m in re.finditer(r"^ *\| (CIFAR-10+) rate \|(.*)\|\n *\|[-| ]+\|\n((?: *\| `.*\n)+)", text, re.M):
+        rates = [float(c) for c in m[2].split("|")]
+        for row in m[3].strip().splitlines():
+            arm, *cells = [c.strip() for c in row.strip().strip("|").split("|")]
+            out[(m[1].lower().replace("-", ""), arm.strip("`"))] = dict(zip(rates, cells, strict=True))
+    return out
+
+
+def test_results_readme_quotes_the_rate_grid():
+    """results/README's rate-grid tables hold every committed grid run's final validation accuracy (%, two decimals),
+    bold for the rate the rule chose; a rate not run yet reads `next`."""
+    tables = grid_tables((ROOT/"results"/"README.md").read_text())
+    for ds, folder in FOLDERS.items():
+        d = design(ds); epochs = study3.chosen_epochs(folder, d)
+        if epochs is None: continue
+        chosen = study3.chosen_lrs(folder, d, epochs)
+        for arm, lrs in d["lr_grid"].items():
+            done = {lr: r for lr in lrs if (r := study3._results(folder, f"select-{arm}-lr{lr:g}", d["selection_seed"]))}
+            if not done: continue
+            cells = tables[(ds, arm)]
+            assert sorted(cells) == sorted(lrs), (ds, arm)
+            for lr in lrs:
+                if lr not in done: assert cells[lr] == "next", (ds, arm, lr); continue
+                acc = f"{100*done[lr]['history'][-1]['val_acc']:.2f}"
+                want = f"**{acc}**" if chosen.get(arm) == lr else acc
+                assert cells[lr] == want, (ds, arm, lr, cells[lr], want)

@@ -13,6 +13,7 @@ Every phase is a function of the design and the committed runs, so any session (
     python tools/study3.py status                    # what is done, what is next, the choices made so far
     OMP_NUM_THREADS=1 python tools/study3.py run     # run what is left, in order (resumable; two side by side share the work)
     OMP_NUM_THREADS=1 python tools/study3.py run --publish ../main   # also copy each finished run there and commit it
+    python tools/study3.py tables                    # each dataset's runs.csv and aggregate.csv of the evaluation runs so far
 """
 import argparse, json, shutil, subprocess, sys, time
 from pathlib import Path
@@ -141,6 +142,22 @@ def publish(folder, arm, seed, dest, label="issue 22: study III"):
         time.sleep(3)
 
 
+def tables(folder=None):
+    "Write `runs.csv` and `aggregate.csv` of the evaluation runs committed in `folder` (default: both datasets'; `fclora compare`)."
+    from fclora.cli import compare
+    for folder in ([folder] if folder else STUDIES.values()):
+        runs = sorted(str(f.parent) for f in Path(folder).glob("*-seed*/results.json") if not f.parent.name.startswith("select-"))
+        if runs: compare(runs, csv=str(Path(folder)/"runs.csv"), agg_csv=str(Path(folder)/"aggregate.csv"))
+
+
+def publish_tables(folder, dest, label="issue 22: study III tables"):
+    "Rewrite the tables of the runs committed in checkout `dest` and commit them there (the tests check they agree)."
+    tables(folder)
+    files = [str(Path(folder)/n) for n in ("runs.csv", "aggregate.csv")]
+    subprocess.run(["git", "-C", str(dest), "add", "--", *files], capture_output=True)
+    subprocess.run(["git", "-C", str(dest), "commit", "-q", "-m", label, "--", *files], capture_output=True)
+
+
 def run(dest=None):
     from fclora.cli import sweep
     from fclora.core import FcloraError
@@ -152,7 +169,9 @@ def run(dest=None):
             outs = sweep(ds, {arm: dict(over, seeds=[seed])}, [seed], folder, settings)
             if not outs: continue   # claimed by the other sweep
             started = True
-            if dest and (Path(folder)/f"{arm}-seed{seed}"/"results.json").exists(): publish(folder, arm, seed, dest)
+            if dest and (Path(folder)/f"{arm}-seed{seed}"/"results.json").exists():
+                publish(folder, arm, seed, dest)
+                if not arm.startswith("select-"): publish_tables(Path(dest)/folder, dest)
             break   # the phases may have moved on: look again
         if not started: print("study III: what is left runs in another sweep"); return
 
@@ -170,4 +189,4 @@ def main(doc:str, name:str, status, run, tables=None):
         print(f"{name}: error: {e}", file=sys.stderr); sys.exit(2)
 
 
-if __name__ == "__main__": main(__doc__, "study3", status, run)
+if __name__ == "__main__": main(__doc__, "study3", status, run, tables)

@@ -17,7 +17,7 @@ import json, sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study3 import _lr_name, _results, main, publish   # the Study III driver's run reading, publishing, command line
+from study3 import _lr_name, _results, main, publish, publish_tables, tables   # the Study III driver's run reading, publishing, tables, command line
 
 FOLDER = Path("results/study-minilm-sst2")
 PRIMARY = ("fclora", "lora")
@@ -74,25 +74,9 @@ def run(dest=None, folder=FOLDER):
             if not sweep("sst2", {arm: dict(over, seeds=[seed])}, [seed], str(folder), settings): continue   # claimed elsewhere
             if dest and (Path(folder)/f"{arm}-seed{seed}"/"results.json").exists():
                 publish(folder, arm, seed, dest, label="issue 23: MiniLM/SST-2 study")
-                if not arm.startswith("select-"): publish_tables(Path(dest)/folder, dest)
+                if not arm.startswith("select-"): publish_tables(Path(dest)/folder, dest, "issue 23: MiniLM/SST-2 study tables")
             break   # a rate may have been chosen: look again
         else: print("SST-2 study: what is left runs in another sweep"); return
 
 
-def tables(folder=FOLDER):
-    "Write `runs.csv` and `aggregate.csv` of the evaluation runs committed so far (`fclora compare`; selection runs left out)."
-    from fclora.cli import compare
-    runs = sorted(str(f.parent) for f in Path(folder).glob("*-seed*/results.json") if not f.parent.name.startswith("select-"))
-    compare(runs, csv=str(Path(folder)/"runs.csv"), agg_csv=str(Path(folder)/"aggregate.csv"))
-
-
-def publish_tables(folder, dest):
-    "Rewrite the tables of the runs committed in checkout `dest` and commit them there (the tests check they agree)."
-    import subprocess
-    tables(folder)
-    files = [str(Path(folder)/n) for n in ("runs.csv", "aggregate.csv")]
-    subprocess.run(["git", "-C", str(dest), "add", "--", *files], capture_output=True)
-    subprocess.run(["git", "-C", str(dest), "commit", "-q", "-m", "issue 23: MiniLM/SST-2 study tables", "--", *files], capture_output=True)
-
-
-if __name__ == "__main__": main(__doc__, "study_sst2", status, run, tables)
+if __name__ == "__main__": main(__doc__, "study_sst2", status, run, lambda: tables(FOLDER))
