@@ -169,3 +169,29 @@ def test_results_readme_quotes_the_rate_grid():
                 acc = f"{100*done[lr]['history'][-1]['val_acc']:.2f}"
                 want = f"**{acc}**" if chosen.get(arm) == lr else acc
                 assert cells[lr] == want, (ds, arm, lr, cells[lr], want)
+
+
+def test_expected_time_comes_from_like_runs_on_this_cpu(tmp_path, monkeypatch):
+    "`run --until` starts a run only if runs like it on this CPU say it ends in time: the estimate, by hand, and a deadline that nothing fits."
+    import torch
+    cpu = torch.backends.cpu.get_cpu_capability()
+    def fake(folder, name, method, n_test, total, ev, capability=cpu):
+        run = tmp_path/folder/name; run.mkdir(parents=True)
+        (run/"results.json").write_text(json.dumps(dict(method=method, config=dict(test_subset=n_test), host=dict(cpu_capability=capability),
+                                                        wall_clock_s=dict(total=total, eval=ev))))
+    fake("study3-a", "select-lora-seed100", "lora", 500, 1000, 50)
+    fake("study3-a", "select-fclora-seed100", "fclora", 500, 1300, 50)
+    fake("study3-a", "select-lora-x-seed100", "lora", 500, 9000, 50, capability="another CPU")   # another host's time is no guide
+    fake("study3-b", "lora-seed0", "lora", 5000, 1500, 300)                                      # another study, 5,000 test images
+    folder = tmp_path/"study3-a"
+    assert study3.expected_s(folder, dict(method="lora"), dict(test_subset=500)) == pytest.approx(1.1*(950 + 50) + 120)
+    assert study3.expected_s(folder, dict(method="lora"), dict(test_subset=5000)) == pytest.approx(1.1*(950 + 300) + 120)
+    assert study3.expected_s(folder, dict(method="full", test_subset=1000), dict(test_subset=5000)) == \
+           pytest.approx(1.1*((950 + 1250)/2 + 1000*50/500) + 120)   # no run of its method: its dataset's; per image: median of .1, .1, .06
+    assert study3.expected_s(tmp_path/"study3-c", dict(method="lora"), dict(test_subset=500)) is None
+    monkeypatch.chdir(ROOT)
+    started = []
+    monkeypatch.setattr("fclora.cli.sweep", lambda *a, **k: started.append(a) or [])
+    past = __import__("datetime").datetime.now().isoformat(timespec="seconds")   # a deadline that no run can meet
+    study3.run(until=past)
+    assert started == []

@@ -13,9 +13,10 @@ Every phase is a function of the design and the committed runs, so any session (
     python tools/study3.py status                    # what is done, what is next, the choices made so far
     OMP_NUM_THREADS=1 python tools/study3.py run     # run what is left, in order (resumable; two side by side share the work)
     OMP_NUM_THREADS=1 python tools/study3.py run --publish ../main   # also copy each finished run there and commit it
+    OMP_NUM_THREADS=1 python tools/study3.py run --until 17:30       # start only runs expected to end by then (leased hosts)
     python tools/study3.py tables                    # each dataset's runs.csv and aggregate.csv of the evaluation runs so far
 """
-import argparse, json, shutil, subprocess, sys, time
+import argparse, inspect, json, shutil, subprocess, sys, time
 from pathlib import Path
 
 STUDIES = {"cifar10": "results/study3-vits-cifar10", "cifar100": "results/study3-vits-cifar100"}
@@ -158,12 +159,46 @@ def publish_tables(folder, dest, label="issue 22: study III tables"):
     subprocess.run(["git", "-C", str(dest), "commit", "-q", "-m", label, "--", *files], capture_output=True)
 
 
-def run(dest=None):
+def expected_s(folder, over:dict, settings:dict) -> float|None:
+    """Seconds a run should take here: the median committed run of its dataset on this CPU (of its method where there
+    are some) without evaluation, plus the median evaluation of any study's runs on this CPU with as many test images
+    (else scaled per image); +10% and two minutes. None: no such run."""
+    import statistics, torch
+    cpu, n_test = torch.backends.cpu.get_cpu_capability(), over.get("test_subset", settings["test_subset"])
+    here = lambda fs: [r for f in fs if (r := json.loads(f.read_text()))["host"].get("cpu_capability") == cpu]
+    runs, every = here(Path(folder).glob("*-seed*/results.json")), here(Path(folder).parent.glob("study3-*/*-seed*/results.json"))
+    like = [r for r in runs if r["method"] == over["method"]] or runs
+    if not like: return None
+    fit = statistics.median(r["wall_clock_s"]["total"] - r["wall_clock_s"]["eval"] for r in like)
+    same = [r["wall_clock_s"]["eval"] for r in every if r["config"]["test_subset"] == n_test]
+    ev = statistics.median(same) if same else n_test*statistics.median(r["wall_clock_s"]["eval"]/r["config"]["test_subset"] for r in every)
+    return 1.1*(fit + ev) + 120
+
+
+def _deadline(until:str) -> float:
+    "`HH:MM` (the next such time, local) or an ISO date-time, as a timestamp."
+    import datetime as dt
+    try: t = dt.datetime.fromisoformat(until) if "T" in until or "-" in until else None
+    except ValueError: t = None
+    if t is None:
+        try: h, m = map(int, until.split(":"))
+        except ValueError: raise SystemExit(f"study3: error: --until {until!r}: expected HH:MM or an ISO date-time")
+        now = dt.datetime.now(); t = now.replace(hour=h, minute=m, second=0, microsecond=0)
+        if t <= now: t += dt.timedelta(days=1)
+    return t.timestamp()
+
+
+def run(dest=None, until:str|None=None):
+    "Run what is left, in order; with `until`, start only runs expected to end by then (`expected_s`), and stop when none does."
     from fclora.cli import sweep
-    from fclora.core import FcloraError
+    end = _deadline(until) if until else None
     while True:
         left = pending()
         if not left: print("study III: every known run is done"); return
+        if end:
+            fits = [t for t in left if (e := expected_s(t[1], t[4], t[5])) is not None and time.time() + e <= end]
+            if not fits: print(f"study III: no run left is expected to end by {until}"); return
+            left = fits
         started = False
         for ds, folder, arm, seed, over, settings in left:
             outs = sweep(ds, {arm: dict(over, seeds=[seed])}, [seed], folder, settings)
@@ -181,8 +216,10 @@ def main(doc:str, name:str, status, run, tables=None):
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("command", choices=["status", "run"] + (["tables"] if tables else []))
     p.add_argument("--publish", default=None, metavar="CHECKOUT", help="copy each finished run into this checkout and commit it")
+    if "until" in inspect.signature(run).parameters:
+        p.add_argument("--until", default=None, metavar="HH:MM", help="start only runs expected to end by then (from the committed runs' times on this CPU)")
     a = p.parse_args()
-    try: {"status": status, "run": lambda: run(a.publish), "tables": tables}[a.command]()
+    try: {"status": status, "run": lambda: run(a.publish, **({"until": a.until} if getattr(a, "until", None) else {})), "tables": tables}[a.command]()
     except KeyboardInterrupt: print(f"{name}: interrupted; the last checkpoint is kept: run again to continue", file=sys.stderr); sys.exit(130)
     except Exception as e:
         if type(e).__name__ != "FcloraError": raise
