@@ -73,6 +73,13 @@ def prose(path) -> str:
     return " ".join(text.replace("*", "").split())
 
 
+def quoted(row):
+    "A decision_table row as the pages word it: '+1.01 points (95% CI +0.27 .. +1.75', a few words allowed between."
+    import re
+    interval = re.escape(f"95% CI {row['CI low']:+.2f} .. {row['CI high']:+.2f}")
+    return re.compile(re.escape(f"{row['A - B']:+.2f} points") + ".{0,40}" + interval)
+
+
 @pytest.fixture
 def shared():
     if not (SHARED/"models/vit-small-patch14-imgfocus/config.json").exists(): pytest.skip("../shared is absent")

@@ -10,6 +10,7 @@ from fclora.core import Config
 from fclora.experiment import make_config, validate_config
 from fclora.allocation import check_budget
 from fclora.cli import sweep_runs
+from conftest import prose, quoted
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT/"tools"))
@@ -195,3 +196,17 @@ def test_expected_time_comes_from_like_runs_on_this_cpu(tmp_path, monkeypatch):
     past = __import__("datetime").datetime.now().isoformat(timespec="seconds")   # a deadline that no run can meet
     study3.run(until=past)
     assert started == []
+
+
+def test_the_pages_lead_with_a_primary_pair_once_it_is_in():
+    """Once a dataset's primary pair has all its evaluation seeds, the README, the results page and results/README quote
+    its paired difference and CI (`+x.xx points (95% CI a .. b`) as the committed runs compute them."""
+    from fclora.report import load_results, decision_table
+    for ds, folder in FOLDERS.items():
+        arms = design(ds)["arms"]
+        runs = [r for r in load_results(folder) if not r["arm"].startswith("select-")]
+        if any({r["seed"] for r in runs if r["arm"] == a} != set(arms[a]["seeds"]) for a in study3.PRIMARY): continue
+        row = decision_table(runs, [("fclora", "lora")]).iloc[0]
+        assert row["seeds"] == len(arms["lora"]["seeds"])
+        for page in ("README.md", "nbs/12_results.ipynb", "results/README.md"):
+            assert quoted(row).search(prose(ROOT/page)), (ds, page, quoted(row).pattern)

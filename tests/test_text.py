@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, fclora, one_line_error, prose, results, slow
+from conftest import ROOT, fclora, one_line_error, prose, quoted, results, slow
 
 ALL = "query,key,value,attention.output.dense,intermediate.dense,output.dense"   # every linear layer of a BERT encoder
 KEYS = ["method", "arm", "dataset", "model_name", "seed", "config", "test_accuracy", "test_loss", "ece", "ece_scaled", "mce",
@@ -219,13 +219,6 @@ def test_committed_tables_are_the_evaluation_runs_aggregated():
     if not runs: pytest.skip("no evaluation run committed yet")
     pd.testing.assert_frame_equal(aggregate(runs), pd.read_csv(STUDY/"aggregate.csv", index_col="method"), check_dtype=False, rtol=1e-9, atol=1e-12)
     assert sorted(zip(*pd.read_csv(STUDY/"runs.csv")[["method", "seed"]].T.values)) == sorted((r["arm"], r["seed"]) for r in runs)
-
-
-def quoted(row):
-    "A decision_table row as the pages word it: '+1.01 points (95% CI +0.27 .. +1.75', a few words allowed between."
-    import re
-    interval = re.escape(f"95% CI {row['CI low']:+.2f} .. {row['CI high']:+.2f}")
-    return re.compile(re.escape(f"{row['A - B']:+.2f} points") + ".{0,40}" + interval)
 
 
 def test_the_pages_quote_the_study():
