@@ -195,12 +195,12 @@ def run(dest=None, until:str|None=None):
     while True:
         left = pending()
         if not left: print("study III: every known run is done"); return
-        if end:
-            fits = [t for t in left if (e := expected_s(t[1], t[4], t[5])) is not None and time.time() + e <= end]
-            if not fits: print(f"study III: no run left is expected to end by {until}"); return
-            left = fits
-        started = False
+        started, late, guess = False, 0, {}
         for ds, folder, arm, seed, over, settings in left:
+            if end:   # one estimate per dataset, method and test-set size: they read every committed run
+                key = (folder, over["method"], over.get("test_subset", settings["test_subset"]))
+                if key not in guess: guess[key] = expected_s(folder, over, settings)
+                if guess[key] is None or time.time() + guess[key] > end: late += 1; continue
             outs = sweep(ds, {arm: dict(over, seeds=[seed])}, [seed], folder, settings)
             if not outs: continue   # claimed by the other sweep
             started = True
@@ -208,7 +208,8 @@ def run(dest=None, until:str|None=None):
                 publish(folder, arm, seed, dest)
                 if not arm.startswith("select-"): publish_tables(Path(dest)/folder, dest)
             break   # the phases may have moved on: look again
-        if not started: print("study III: what is left runs in another sweep"); return
+        if not started:
+            print(f"study III: {'no run left is expected to end by ' + until if late else 'what is left runs in another sweep'}"); return
 
 
 def main(doc:str, name:str, status, run, tables=None):
