@@ -210,3 +210,25 @@ def test_the_pages_lead_with_a_primary_pair_once_it_is_in():
         assert row["seeds"] == len(arms["lora"]["seeds"])
         for page in ("README.md", "nbs/12_results.ipynb", "results/README.md"):
             assert quoted(row).search(prose(ROOT/page)), (ds, page, quoted(row).pattern)
+
+
+FAMILY = [("cifar100", "fclora", "lora"), ("cifar10", "fclora", "lora"),   # the analysis plan's family of four
+          ("cifar100", "fclora", "fclora-static"), ("cifar100", "lora", "full")]
+
+
+def test_the_pages_quote_the_whole_family_once_it_is_in():
+    """Once every arm of the plan's four comparisons has all its evaluation seeds, the results page and results/README
+    quote each comparison's paired difference and CI, and its Holm-adjusted p over the four (`Holm ... 0.047`)."""
+    import re
+    from fclora.report import load_results, decision_table, holm
+    runs = {ds: [r for r in load_results(f) if not r["arm"].startswith("select-")] for ds, f in FOLDERS.items()}
+    if any({r["seed"] for r in runs[ds] if r["arm"] == a} != set(design(ds)["arms"][a]["seeds"])
+           for ds, *pair in FAMILY for a in pair): pytest.skip("the family is not complete yet")
+    rows = [decision_table(runs[ds], [(a, b)]).iloc[0] for ds, a, b in FAMILY]
+    adjusted = holm([row["p"] for row in rows])
+    assert all(q >= row["p"] for q, row in zip(adjusted, rows))
+    for page in ("nbs/12_results.ipynb", "results/README.md"):
+        text = prose(ROOT/page)
+        for (ds, a, b), row, q in zip(FAMILY, rows, adjusted):
+            assert quoted(row).search(text), (page, ds, a, b, quoted(row).pattern)
+            assert re.search(r"Holm.{0,80}" + re.escape(f"{q:.3f}"), text), (page, ds, a, b, f"Holm {q:.3f}")
